@@ -1,0 +1,451 @@
+"""Contexts: TLS settings in, connected :class:`~ktls.connection.TLSSocket` out.
+
+This is the blocking I/O edge around the sans-IO handshake driver: it reads exactly
+the bytes the driver asks for, then installs the session into the chosen engines.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterable, Sequence
+from typing import Literal
+
+from OpenSSL import SSL
+
+from .connection import TLSSocket
+from .errors import (
+    ConfigError,
+    HandshakeError,
+    KernelUnsupported,
+    ULPUnavailable,
+)
+from .handshake import HandshakeDriver, keylog_callback
+from .kernel import KernelRx, KernelTx, attach_ulp, capabilities
+from .protection import Sealer, software_supports
+from .records import encode_alert
+from .session import Role, Session
+from .software import SoftwareRx, SoftwareTx
+from .suites import SUITES, Suite, suite_by_name
+from .wire import AlertDescription, ContentType, ProtocolVersion
+
+__all__ = ["ClientContext", "Offload", "ServerContext", "TLSListener"]
+
+Offload = Literal["auto", "kernel", "software"]
+_OFFLOADS = ("auto", "kernel", "software")
+_VERSION_NAMES = {"TLSv1.2": ProtocolVersion.TLS1_2, "TLSv1.3": ProtocolVersion.TLS1_3}
+_OPENSSL_VERSIONS = {ProtocolVersion.TLS1_2: SSL.TLS1_2_VERSION, ProtocolVersion.TLS1_3: SSL.TLS1_3_VERSION}
+# Offered unless the caller names suites: what every kernel since 5.11 and the software
+# engine can carry.  CCM, ARIA and SM4 are offloadable too, on request.
+DEFAULT_CIPHERS = (
+    "TLS_AES_128_GCM_SHA256",
+    "TLS_AES_256_GCM_SHA384",
+    "TLS_CHACHA20_POLY1305_SHA256",
+    "ECDHE-ECDSA-AES128-GCM-SHA256",
+    "ECDHE-RSA-AES128-GCM-SHA256",
+    "ECDHE-ECDSA-AES256-GCM-SHA384",
+    "ECDHE-RSA-AES256-GCM-SHA384",
+    "ECDHE-ECDSA-CHACHA20-POLY1305",
+    "ECDHE-RSA-CHACHA20-POLY1305",
+)
+
+
+def _resolve_suites(names: Iterable[str]) -> tuple[Suite, ...]:
+    suites = []
+    for name in names:
+        suite = suite_by_name(name)
+        if suite is None:
+            offloadable = ", ".join(s.openssl_name for s in SUITES)
+            raise ConfigError(
+                f"cipher suite {name!r} cannot be offloaded to the kernel; choose from: "
+                f"{offloadable}"
+            )
+        suites.append(suite)
+    return tuple(suites)
+
+
+def _parse_version(value: str | ProtocolVersion) -> ProtocolVersion:
+    if isinstance(value, ProtocolVersion):
+        return value
+    try:
+        return _VERSION_NAMES[value]
+    except KeyError:
+        raise ConfigError(f"unknown TLS version {value!r}: use 'TLSv1.2' or 'TLSv1.3'") from None
+
+
+def _check_file(path: str | os.PathLike[str] | None, what: str) -> str | None:
+    if path is None:
+        return None
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"{what} {path!r} does not exist or is not a file")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"{what} {path!r} is not readable")
+    return path
+
+
+class _Context:
+    """What client and server contexts share: versions, suites, ALPN, offload."""
+
+    _role: Role
+
+    def __init__(
+        self,
+        *,
+        ciphers: Sequence[str] | None,
+        minimum_version: str | ProtocolVersion,
+        maximum_version: str | ProtocolVersion,
+        alpn_protocols: Sequence[str] | None,
+        offload: Offload,
+    ) -> None:
+        if offload not in _OFFLOADS:
+            raise ConfigError(f"offload must be one of {_OFFLOADS}, not {offload!r}")
+        self.offload: Offload = offload
+        self.minimum_version = _parse_version(minimum_version)
+        self.maximum_version = _parse_version(maximum_version)
+        if self.minimum_version > self.maximum_version:
+            raise ConfigError("minimum_version is above maximum_version")
+        self.suites = _resolve_suites(ciphers if ciphers is not None else DEFAULT_CIPHERS)
+        self.alpn_protocols = list(alpn_protocols or [])
+        self._ssl = SSL.Context(SSL.TLS_METHOD)
+        self._ssl.set_keylog_callback(keylog_callback)
+        self._ssl.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
+        self._configured_for: tuple[Suite, ...] | None = None
+
+    # The offered suites depend on the kernel (found on first use, not at import).
+    def _offered(self) -> tuple[Suite, ...]:
+        suites = self.suites
+        if self.offload == "software":
+            suites = tuple(s for s in suites if software_supports(s.cipher))
+        else:
+            caps = capabilities()
+            if not caps.ulp and self.offload == "kernel":
+                raise ULPUnavailable(caps.ulp_error or "kernel TLS unavailable")
+            kernel_ok = tuple(s for s in suites if caps.ulp and caps.accepts(s.cipher, s.version))
+            if self.offload == "kernel":
+                suites = kernel_ok
+            else:  # auto: what the kernel takes, plus what software can carry instead
+                suites = tuple(s for s in suites if s in kernel_ok or software_supports(s.cipher))
+        suites = tuple(
+            s for s in suites if self.minimum_version <= s.version <= self.maximum_version
+        )
+        if not suites:
+            raise ConfigError(
+                f"no cipher suite left to offer with offload={self.offload!r} "
+                f"between {self.minimum_version.label} and {self.maximum_version.label}"
+            )
+        return suites
+
+    def _ssl_context(self) -> SSL.Context:
+        suites = self._offered()
+        if suites == self._configured_for:
+            return self._ssl
+        versions = sorted({s.version for s in suites})
+        self._ssl.set_min_proto_version(_OPENSSL_VERSIONS[versions[0]])
+        self._ssl.set_max_proto_version(_OPENSSL_VERSIONS[versions[-1]])
+        tls12 = [s.openssl_name for s in suites if s.version is ProtocolVersion.TLS1_2]
+        tls13 = [s.openssl_name for s in suites if s.version is ProtocolVersion.TLS1_3]
+        try:
+            if tls12:
+                self._ssl.set_cipher_list(":".join(tls12).encode())
+            self._ssl.set_tls13_ciphersuites(":".join(tls13).encode())
+        except SSL.Error as exc:
+            raise ConfigError(f"OpenSSL refused the cipher list: {exc}") from exc
+        self._configured_for = suites
+        return self._ssl
+
+    def _establish(
+        self,
+        sock: socket.socket,
+        *,
+        server_hostname: str | None = None,
+        check_hostname: bool = False,
+        session: SSL.Session | None = None,
+    ) -> TLSSocket:
+        """Run the handshake on a connected socket and install the engines."""
+        ssl_context = self._ssl_context()
+        ulp = False
+        if self.offload != "software" and capabilities().ulp:
+            # Attached before the handshake: with no keys set, the socket still behaves
+            # like plain TCP, and a kernel that can't is found out before any TLS.
+            attach_ulp(sock)
+            ulp = True
+        conn = SSL.Connection(ssl_context, None)
+        if server_hostname is not None and self._role is Role.CLIENT:
+            conn.set_tlsext_host_name(server_hostname.encode("idna"))
+        if session is not None:
+            conn.set_session(session)
+        driver = HandshakeDriver(
+            conn, self._role, server_hostname=server_hostname, check_hostname=check_hostname
+        )
+        conn.set_verify(ssl_context.get_verify_mode(), driver.verify_callback)
+        _run_handshake(sock, driver)
+        return self._install(sock, conn, driver.session, ulp)
+
+    def _install(
+        self, sock: socket.socket, conn: SSL.Connection, session: Session, ulp: bool
+    ) -> TLSSocket:
+        version, cipher = session.version, session.suite.cipher
+        try:
+            if ulp:
+                try:
+                    tx: KernelTx | SoftwareTx = KernelTx(sock, version, cipher, session.tx)
+                except KernelUnsupported:
+                    if self.offload == "kernel":
+                        raise
+                    tx = SoftwareTx(sock, version, cipher, session.tx)
+                try:
+                    rx: KernelRx | SoftwareRx = KernelRx(sock, version, cipher, session.rx)
+                except KernelUnsupported:
+                    if self.offload == "kernel":
+                        raise
+                    rx = SoftwareRx(sock, version, cipher, session.rx)
+            else:
+                tx = SoftwareTx(sock, version, cipher, session.tx)
+                rx = SoftwareRx(sock, version, cipher, session.rx)
+        except KernelUnsupported:
+            _abort(sock, session)
+            raise
+        return TLSSocket(sock, conn, session, tx, rx)
+
+
+def _abort(sock: socket.socket, session: Session) -> None:
+    """Tell the peer we give up (internal_error), sealed in software, and close."""
+    keys = session.tx
+    sealer = Sealer(
+        session.version, session.suite.cipher, keys.key, keys.iv, keys.seq, keys.explicit_nonce
+    )
+    try:
+        sock.sendall(sealer.seal(ContentType.ALERT, encode_alert(AlertDescription.INTERNAL_ERROR)))
+    except OSError:
+        pass
+    sock.close()
+
+
+def _run_handshake(sock: socket.socket, driver: HandshakeDriver) -> None:
+    """The blocking pump: read what the driver wants, send what it gives."""
+    try:
+        sock.sendall(driver.data_to_send())
+        while not driver.done:
+            data = sock.recv(driver.bytes_wanted())
+            if not data:
+                raise HandshakeError("the peer closed the connection during the handshake")
+            try:
+                driver.receive(data)
+            finally:
+                pending = driver.data_to_send()
+                if pending:
+                    sock.sendall(pending)
+    except HandshakeError:
+        sock.close()
+        raise
+    except OSError as exc:
+        sock.close()
+        if isinstance(exc, TimeoutError):
+            raise HandshakeError("the handshake timed out") from exc
+        raise HandshakeError(f"connection failed during the handshake: {exc}") from exc
+
+
+class ClientContext(_Context):
+    """Settings for client connections.
+
+    Certificates are verified by default against the system trust store (or
+    ``cafile``/``capath``), and the host name is checked.
+    """
+
+    _role = Role.CLIENT
+
+    def __init__(
+        self,
+        *,
+        verify: bool = True,
+        cafile: str | os.PathLike[str] | None = None,
+        capath: str | os.PathLike[str] | None = None,
+        check_hostname: bool = True,
+        certfile: str | os.PathLike[str] | None = None,
+        keyfile: str | os.PathLike[str] | None = None,
+        ciphers: Sequence[str] | None = None,
+        minimum_version: str | ProtocolVersion = "TLSv1.2",
+        maximum_version: str | ProtocolVersion = "TLSv1.3",
+        alpn_protocols: Sequence[str] | None = None,
+        offload: Offload = "auto",
+    ) -> None:
+        super().__init__(
+            ciphers=ciphers,
+            minimum_version=minimum_version,
+            maximum_version=maximum_version,
+            alpn_protocols=alpn_protocols,
+            offload=offload,
+        )
+        self.verify = verify
+        self.check_hostname = check_hostname and verify
+        ctx = self._ssl
+        if verify:
+            ctx.set_verify(SSL.VERIFY_PEER)
+            cafile_ok = _check_file(cafile, "CA file")
+            if cafile_ok is not None or capath is not None:
+                ctx.load_verify_locations(cafile_ok, os.fspath(capath) if capath else None)
+            else:
+                ctx.set_default_verify_paths()
+        else:
+            ctx.set_verify(SSL.VERIFY_NONE)
+        if certfile is not None:
+            _load_identity(ctx, certfile, keyfile)
+        if self.alpn_protocols:
+            ctx.set_alpn_protos([p.encode() for p in self.alpn_protocols])
+
+    def wrap_socket(
+        self,
+        sock: socket.socket,
+        server_hostname: str | None = None,
+        *,
+        session: SSL.Session | None = None,
+    ) -> TLSSocket:
+        """Handshake as a client on a connected TCP socket (which the result takes over)."""
+        if self.check_hostname and not server_hostname:
+            raise ConfigError("check_hostname needs server_hostname")
+        return self._establish(
+            sock,
+            server_hostname=server_hostname,
+            check_hostname=self.check_hostname,
+            session=session,
+        )
+
+    def connect(
+        self,
+        address: tuple[str, int],
+        *,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
+        session: SSL.Session | None = None,
+    ) -> TLSSocket:
+        """Open a TCP connection to ``address`` and handshake; SNI defaults to the host."""
+        host = address[0]
+        sock = socket.create_connection(address, timeout=timeout)
+        name = server_hostname if server_hostname is not None else host
+        try:
+            return self.wrap_socket(sock, name, session=session)
+        except BaseException:
+            sock.close()
+            raise
+
+
+def _load_identity(
+    ctx: SSL.Context,
+    certfile: str | os.PathLike[str],
+    keyfile: str | os.PathLike[str] | None,
+) -> None:
+    cert_path = _check_file(certfile, "certificate file")
+    key_path = _check_file(keyfile, "key file") or cert_path
+    assert cert_path is not None and key_path is not None
+    try:
+        ctx.use_certificate_chain_file(cert_path)
+    except SSL.Error as exc:
+        raise ConfigError(f"cannot load certificate chain from {cert_path!r}: {exc}") from exc
+    try:
+        ctx.use_privatekey_file(key_path)
+    except SSL.Error as exc:
+        raise ConfigError(f"cannot load private key from {key_path!r}: {exc}") from exc
+    try:
+        ctx.check_privatekey()
+    except SSL.Error as exc:
+        raise ConfigError(
+            f"private key {key_path!r} does not match certificate {cert_path!r}"
+        ) from exc
+
+
+VerifyClient = Literal["none", "optional", "required"]
+
+
+class ServerContext(_Context):
+    """Settings for server connections: certificate chain and key (RSA or ECDSA)."""
+
+    _role = Role.SERVER
+
+    def __init__(
+        self,
+        certfile: str | os.PathLike[str],
+        keyfile: str | os.PathLike[str] | None = None,
+        *,
+        client_cafile: str | os.PathLike[str] | None = None,
+        verify_client: VerifyClient = "none",
+        ciphers: Sequence[str] | None = None,
+        minimum_version: str | ProtocolVersion = "TLSv1.2",
+        maximum_version: str | ProtocolVersion = "TLSv1.3",
+        alpn_protocols: Sequence[str] | None = None,
+        offload: Offload = "auto",
+    ) -> None:
+        super().__init__(
+            ciphers=ciphers,
+            minimum_version=minimum_version,
+            maximum_version=maximum_version,
+            alpn_protocols=alpn_protocols,
+            offload=offload,
+        )
+        ctx = self._ssl
+        _load_identity(ctx, certfile, keyfile)
+        ctx.set_session_id(b"ktls")
+        if verify_client != "none":
+            ca = _check_file(client_cafile, "client CA file")
+            if ca is None:
+                raise ConfigError("verify_client needs client_cafile")
+            ctx.load_verify_locations(ca)
+            ctx.load_client_ca(ca.encode())
+            mode = SSL.VERIFY_PEER
+            if verify_client == "required":
+                mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
+            ctx.set_verify(mode)
+        elif client_cafile is not None:
+            raise ConfigError("client_cafile given but verify_client is 'none'")
+        if self.alpn_protocols:
+            offered = [p.encode() for p in self.alpn_protocols]
+
+            def select(conn: SSL.Connection, protos: list[bytes]) -> bytes:
+                for proto in offered:
+                    if proto in protos:
+                        return proto
+                return SSL.NO_OVERLAPPING_PROTOCOLS  # type: ignore[no-any-return]
+
+            ctx.set_alpn_select_callback(select)
+
+    def wrap_socket(self, sock: socket.socket) -> TLSSocket:
+        """Handshake as a server on an accepted TCP socket (which the result takes over)."""
+        return self._establish(sock)
+
+    def listen(self, address: tuple[str, int], backlog: int = 128) -> TLSListener:
+        return TLSListener(self, socket.create_server(address, backlog=backlog))
+
+
+class TLSListener:
+    """A listening socket whose ``accept()`` returns handshaken TLSSockets."""
+
+    def __init__(self, context: ServerContext, sock: socket.socket) -> None:
+        self.context = context
+        self.socket = sock
+
+    def accept(self) -> tuple[TLSSocket, tuple[str, int]]:
+        """Accept one connection and handshake; HandshakeError if that fails."""
+        sock, address = self.socket.accept()
+        try:
+            return self.context.wrap_socket(sock), address
+        except BaseException:
+            sock.close()
+            raise
+
+    def getsockname(self) -> tuple[str, int]:
+        name: tuple[str, int] = self.socket.getsockname()[:2]
+        return name
+
+    def fileno(self) -> int:
+        return self.socket.fileno()
+
+    def close(self) -> None:
+        self.socket.close()
+
+    def __enter__(self) -> TLSListener:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+

@@ -1,0 +1,374 @@
+"""The handshake driver: OpenSSL on memory BIOs, one record at a time.
+
+Sans-IO in the h11 sense: the caller reads exactly :meth:`HandshakeDriver.bytes_wanted`
+bytes from its transport, passes them to :meth:`~HandshakeDriver.receive`, and sends
+whatever :meth:`~HandshakeDriver.data_to_send` returns, until ``done``.  Reading no more
+than the current record matters: whatever the peer sends after its last handshake
+record must stay in the socket for the kernel to decrypt.
+
+While the records pass through, the driver keeps the books the kernel needs and
+OpenSSL does not tell: how many records each side protected under the final keys
+(the sequence numbers), and in TLS 1.2 the last explicit nonce OpenSSL used.  The
+secrets come from OpenSSL's key-log callback (TLS 1.3) or its master key (TLS 1.2).
+When the handshake completes the result is one frozen :class:`~ktls.session.Session`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from cryptography import x509
+from OpenSSL import SSL
+from service_identity import VerificationError
+from service_identity.cryptography import (
+    verify_certificate_hostname,
+    verify_certificate_ip_address,
+)
+
+from .errors import HandshakeError, ProtocolViolation
+from .keyschedule import (
+    split_tls12_key_block,
+    tls12_key_block,
+    tls12_key_block_length,
+    tls13_traffic_key_iv,
+)
+from .protection import Sealer
+from .records import HEADER_LEN, RecordBuffer, encode_alert, parse_alert, parse_header
+from .session import Role, Session, TrafficKeys
+from .suites import Suite, suite_by_name
+from .wire import AlertDescription, ContentType, ProtocolVersion
+
+__all__ = ["HandshakeDriver", "keylog_callback"]
+
+_VERSIONS = {"TLSv1.2": ProtocolVersion.TLS1_2, "TLSv1.3": ProtocolVersion.TLS1_3}
+_ALERT_PREFIXES = ("sslv3 alert ", "tlsv1 alert ", "tlsv13 alert ")
+# A few X509_V_ERR_* codes, worded for people (openssl/x509_vfy.h).
+_VERIFY_ERRORS = {
+    2: "unable to get the issuer certificate",
+    9: "certificate is not yet valid",
+    10: "certificate has expired",
+    18: "self-signed certificate",
+    19: "self-signed certificate in the chain",
+    20: "unable to get local issuer certificate (unknown CA)",
+    21: "unable to verify the first certificate",
+    26: "unsuitable certificate purpose",
+}
+
+
+def keylog_callback(conn: SSL.Connection, line: bytes) -> None:
+    """Context key-log callback: route each line to the connection's driver."""
+    driver = conn.get_app_data()
+    if isinstance(driver, HandshakeDriver):
+        driver.on_keylog(line)
+
+
+def _alert_in_openssl_error(reasons: list[str]) -> AlertDescription | None:
+    for reason in reasons:
+        for prefix in _ALERT_PREFIXES:
+            if reason.startswith(prefix):
+                name = reason[len(prefix) :].upper().replace(" ", "_")
+                return AlertDescription.__members__.get(name)
+    return None
+
+
+def _openssl_reasons(exc: SSL.Error) -> list[str]:
+    reasons: list[str] = []
+    for arg in exc.args:
+        if isinstance(arg, list):
+            reasons.extend(str(item[-1]) for item in arg if isinstance(item, tuple))
+        else:
+            reasons.append(str(arg))
+    return [r for r in reasons if r] or [repr(exc)]
+
+
+class HandshakeDriver:
+    """Drives one OpenSSL connection through its handshake.  See the module docstring."""
+
+    def __init__(
+        self,
+        conn: SSL.Connection,
+        role: Role,
+        *,
+        server_hostname: str | None = None,
+        check_hostname: bool = False,
+    ) -> None:
+        self._conn = conn
+        self.role = role
+        self._server_hostname = server_hostname
+        self._check_hostname = check_hostname and server_hostname is not None
+        conn.set_app_data(self)
+        self._incoming = RecordBuffer()
+        self._out = bytearray()
+        self._secrets: dict[str, bytes] = {}
+        # Record bookkeeping for the sequence numbers and the TLS 1.2 explicit nonce.
+        self._peer_ccs = False
+        self._rx_after_ccs = 0
+        self._own_ccs = False
+        self._tx_after_ccs = 0
+        self._last_tx_body = b""
+        self._step_protected_records = 0
+        self._peer_alert: AlertDescription | None = None
+        self._verify_error: str | None = None
+        self.done = False
+        self._session: Session | None = None
+        if role is Role.CLIENT:
+            conn.set_connect_state()
+            self._step()
+        else:
+            conn.set_accept_state()
+
+    # -- the pump ---------------------------------------------------------------------------
+
+    def bytes_wanted(self) -> int:
+        """How many bytes to read next: never past the end of the current record."""
+        return self._incoming.needed()
+
+    def receive(self, data: bytes) -> None:
+        """Take bytes from the peer; step OpenSSL once a record is whole.
+
+        Raises HandshakeError (after queueing any alert to send) when the handshake
+        fails.
+        """
+        if self.done:
+            raise RuntimeError("handshake already complete")
+        try:
+            self._incoming.feed(data)
+            record = self._incoming.next_record()
+        except ProtocolViolation as exc:
+            raise HandshakeError(f"peer sent garbage during the handshake: {exc}") from exc
+        if record is None:
+            return
+        header, body = record
+        if header.content_type == ContentType.CHANGE_CIPHER_SPEC:
+            self._peer_ccs = True
+        elif self._peer_ccs:
+            self._rx_after_ccs += 1
+        if header.content_type == ContentType.ALERT and len(body) == 2 and not self._peer_ccs:
+            self._peer_alert = parse_alert(body).known  # a plaintext alert we can read
+        self._conn.bio_write(
+            bytes((header.content_type,))
+            + header.legacy_version.to_bytes(2, "big")
+            + header.length.to_bytes(2, "big")
+            + body
+        )
+        self._step()
+
+    def data_to_send(self) -> bytes:
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    @property
+    def session(self) -> Session:
+        if self._session is None:
+            raise RuntimeError("handshake not complete")
+        return self._session
+
+    @property
+    def connection(self) -> SSL.Connection:
+        return self._conn
+
+    def on_keylog(self, line: bytes) -> None:
+        label, _random, secret = line.decode("ascii").split()
+        if label.endswith("TRAFFIC_SECRET_0"):
+            self._secrets[label] = bytes.fromhex(secret)
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _step(self) -> None:
+        self._step_protected_records = 0
+        try:
+            self._conn.do_handshake()
+        except SSL.WantReadError:
+            self._drain()
+            return
+        except SSL.Error as exc:
+            self._drain()
+            raise self._failure(exc) from exc
+        self._drain()
+        self._session = self._build_session()
+        self.done = True
+        if self._check_hostname:
+            self._verify_peer_name()
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                chunk = self._conn.bio_read(1 << 16)
+            except SSL.WantReadError:
+                return
+            self._account_outgoing(chunk)
+            self._out += chunk
+
+    def _account_outgoing(self, chunk: bytes) -> None:
+        # OpenSSL writes whole records to the BIO; walk them.
+        offset = 0
+        while offset + HEADER_LEN <= len(chunk):
+            header = parse_header(chunk[offset : offset + HEADER_LEN])
+            body = chunk[offset + HEADER_LEN : offset + HEADER_LEN + header.length]
+            offset += HEADER_LEN + header.length
+            if header.content_type == ContentType.CHANGE_CIPHER_SPEC:
+                self._own_ccs = True
+            elif self._own_ccs:
+                self._tx_after_ccs += 1
+                self._last_tx_body = body
+            if header.content_type == ContentType.APPLICATION_DATA:
+                self._step_protected_records += 1
+
+    def _failure(self, exc: SSL.Error) -> HandshakeError:
+        reasons = _openssl_reasons(exc)
+        # OpenSSL's "... alert <name>" reasons are only raised for alerts it received.
+        alert = _alert_in_openssl_error(reasons) or self._peer_alert
+        if alert is not None:
+            return HandshakeError(
+                f"handshake failed: the peer sent alert {alert.name.lower()}",
+                alert=alert,
+                received=True,
+            )
+        message = "; ".join(reasons)
+        if self._verify_error is not None:
+            message = f"certificate verify failed: {self._verify_error}"
+        return HandshakeError(f"handshake failed: {message}")
+
+    def verify_callback(
+        self, conn: SSL.Connection, cert: Any, errnum: int, depth: int, ok: int
+    ) -> bool:
+        """Record why OpenSSL rejected a certificate so the error can say it plainly."""
+        if not ok and self._verify_error is None:
+            subject = cert.get_subject().CN if cert is not None else None
+            what = _VERIFY_ERRORS.get(errnum, f"X509 error {errnum}")
+            self._verify_error = f"{what} (depth {depth}, subject CN={subject})"
+        return bool(ok)
+
+    def _build_session(self) -> Session:
+        conn = self._conn
+        version = _VERSIONS.get(conn.get_protocol_version_name())
+        suite = suite_by_name(conn.get_cipher_name() or "")
+        if version is None or suite is None or suite.version is not version:
+            raise HandshakeError(
+                f"negotiated {conn.get_protocol_version_name()} {conn.get_cipher_name()}, "
+                "which ktls cannot offload"
+            )
+        if version is ProtocolVersion.TLS1_3:
+            client, server = self._tls13_keys(suite)
+        else:
+            client, server = self._tls12_keys(suite)
+        tx, rx = (client, server) if self.role is Role.CLIENT else (server, client)
+        alpn = conn.get_alpn_proto_negotiated()
+        if self.role is Role.CLIENT:
+            server_name = self._server_hostname
+        else:
+            sni = conn.get_servername()
+            server_name = sni.decode("idna") if sni else None
+        return Session(
+            role=self.role,
+            version=version,
+            suite=suite,
+            tx=tx,
+            rx=rx,
+            alpn=alpn.decode("ascii", "replace") if alpn else None,
+            server_name=server_name,
+            resumed=session_reused(conn),
+        )
+
+    def _tls13_keys(self, suite: Suite) -> tuple[TrafficKeys, TrafficKeys]:
+        cipher = suite.cipher
+        keys = []
+        for label in ("CLIENT_TRAFFIC_SECRET_0", "SERVER_TRAFFIC_SECRET_0"):
+            secret = self._secrets.get(label)
+            if secret is None:
+                raise HandshakeError(f"OpenSSL did not report {label} through the key log")
+            key, iv = tls13_traffic_key_iv(suite.hash_name, secret, cipher.key_len, cipher.nonce_len)
+            # Only the server has written under its application key by now: the
+            # NewSessionTickets of its final step (2 full, 1 resumed with OpenSSL 4.0).
+            # The client's final flight was all under handshake keys.
+            seq = 0
+            if self.role is Role.SERVER and label.startswith("SERVER"):
+                seq = self._step_protected_records
+            keys.append(TrafficKeys(key=key, iv=iv, seq=seq, secret=secret))
+        return keys[0], keys[1]
+
+    def _tls12_keys(self, suite: Suite) -> tuple[TrafficKeys, TrafficKeys]:
+        cipher = suite.cipher
+        conn = self._conn
+        iv_len = cipher.tls12_fixed_iv_len
+        block = split_tls12_key_block(
+            tls12_key_block(
+                suite.hash_name,
+                conn.master_key(),
+                conn.server_random(),
+                conn.client_random(),
+                tls12_key_block_length(cipher.key_len, iv_len),
+            ),
+            cipher.key_len,
+            iv_len,
+        )
+        # Sequence numbers restart at our/their ChangeCipherSpec: count records since.
+        explicit = None
+        if cipher.tls12_explicit_nonce_len and self._last_tx_body:
+            # Continue OpenSSL's explicit-nonce counter so no nonce repeats under this key.
+            explicit = int.from_bytes(self._last_tx_body[: cipher.tls12_explicit_nonce_len], "big")
+            explicit = (explicit + 1) % (1 << 64)
+        tx_seq, rx_seq = self._tx_after_ccs, self._rx_after_ccs
+        client_is_tx = self.role is Role.CLIENT
+        client = TrafficKeys(
+            key=block.client_write_key,
+            iv=block.client_write_iv,
+            seq=tx_seq if client_is_tx else rx_seq,
+            explicit_nonce=explicit if client_is_tx else None,
+        )
+        server = TrafficKeys(
+            key=block.server_write_key,
+            iv=block.server_write_iv,
+            seq=rx_seq if client_is_tx else tx_seq,
+            explicit_nonce=None if client_is_tx else explicit,
+        )
+        return client, server
+
+    def _verify_peer_name(self) -> None:
+        name = self._server_hostname
+        assert name is not None
+        cert = self._conn.get_peer_certificate(as_cryptography=True)
+        try:
+            if cert is None:
+                raise VerificationError(errors=[])
+            _verify_name(cert, name)
+        except VerificationError as exc:
+            # The handshake is complete, so the alert goes out under the new keys.
+            session = self.session
+            sealer = Sealer(
+                session.version,
+                session.suite.cipher,
+                session.tx.key,
+                session.tx.iv,
+                session.tx.seq,
+                session.tx.explicit_nonce,
+            )
+            self._out += sealer.seal(
+                ContentType.ALERT, encode_alert(AlertDescription.BAD_CERTIFICATE)
+            )
+            self.done = False
+            raise HandshakeError(
+                f"certificate does not match {name!r}",
+                alert=AlertDescription.BAD_CERTIFICATE,
+            ) from exc
+
+
+def _verify_name(cert: x509.Certificate, name: str) -> None:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        verify_certificate_hostname(cert, name)
+    else:
+        verify_certificate_ip_address(cert, name)
+
+
+def session_reused(conn: SSL.Connection) -> bool:
+    """Whether the handshake resumed a session.
+
+    pyOpenSSL has no public call for SSL_session_reused(); its cffi binding has.
+    """
+    from OpenSSL._util import lib  # noqa: PLC0415 -- private, so kept to this one place
+
+    return bool(lib.SSL_session_reused(conn._ssl))  # noqa: SLF001

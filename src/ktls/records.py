@@ -1,0 +1,227 @@
+"""TLS record and post-handshake message codec.  Sans-IO: bytes in, values out.
+
+Only what crosses the wire after the hand-off is handled here: record headers,
+alerts, and the three handshake messages that may still arrive (NewSessionTicket,
+KeyUpdate, HelloRequest) -- anything else is reported as unexpected.  Every parser
+rejects short input, oversized lengths and leftover bytes with
+:class:`~ktls.errors.ProtocolViolation` carrying the alert the RFCs name, so a
+fuzzer only ever sees our own exception.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from .errors import ProtocolViolation
+from .wire import AlertDescription, AlertLevel, ContentType, HandshakeType, KeyUpdateRequest
+
+__all__ = [
+    "HEADER_LEN",
+    "MAX_PLAINTEXT",
+    "Alert",
+    "HandshakeBuffer",
+    "HandshakeMessage",
+    "RecordBuffer",
+    "RecordHeader",
+    "encode_alert",
+    "encode_handshake",
+    "encode_header",
+    "encode_key_update",
+    "max_ciphertext",
+    "parse_alert",
+    "parse_header",
+    "parse_key_update",
+]
+
+HEADER_LEN = 5
+MAX_PLAINTEXT = 1 << 14
+# RFC 8446 5.2: TLSCiphertext.length <= 2^14 + 256.  RFC 5246 6.2.3: <= 2^14 + 2048.
+_MAX_CIPHERTEXT = {0x0304: MAX_PLAINTEXT + 256, 0x0303: MAX_PLAINTEXT + 2048}
+_HEADER = struct.Struct("!BHH")
+_LEGACY_VERSIONS = frozenset({0x0301, 0x0302, 0x0303})
+
+
+def max_ciphertext(version: int) -> int:
+    return _MAX_CIPHERTEXT[version]
+
+
+@dataclass(frozen=True)
+class RecordHeader:
+    content_type: int
+    legacy_version: int
+    length: int
+
+
+def parse_header(data: bytes, *, max_length: int = MAX_PLAINTEXT + 2048) -> RecordHeader:
+    """Decode a 5-byte record header, rejecting lengths no valid peer sends."""
+    if len(data) != HEADER_LEN:
+        raise ProtocolViolation(
+            f"record header must be {HEADER_LEN} bytes, got {len(data)}",
+            AlertDescription.DECODE_ERROR,
+        )
+    content_type, version, length = _HEADER.unpack(data)
+    if content_type not in ContentType.__members__.values():
+        raise ProtocolViolation(
+            f"unknown record content type {content_type}", AlertDescription.UNEXPECTED_MESSAGE
+        )
+    if version not in _LEGACY_VERSIONS:
+        raise ProtocolViolation(
+            f"bad record version 0x{version:04x}", AlertDescription.PROTOCOL_VERSION
+        )
+    if length > max_length:
+        raise ProtocolViolation(
+            f"record of {length} bytes exceeds the limit of {max_length}",
+            AlertDescription.RECORD_OVERFLOW,
+        )
+    return RecordHeader(content_type, version, length)
+
+
+def encode_header(content_type: int, length: int, legacy_version: int = 0x0303) -> bytes:
+    return _HEADER.pack(content_type, legacy_version, length)
+
+
+class RecordBuffer:
+    """Reassembles whole records from a byte stream.
+
+    ``needed()`` tells how many more bytes complete the next record, so a caller
+    reading a socket never takes bytes beyond it (the hand-off depends on that).
+    """
+
+    def __init__(self, *, max_length: int = MAX_PLAINTEXT + 2048) -> None:
+        self._data = bytearray()
+        self._max_length = max_length
+
+    def feed(self, data: bytes) -> None:
+        self._data += data
+
+    def needed(self) -> int:
+        if len(self._data) < HEADER_LEN:
+            return HEADER_LEN - len(self._data)
+        header = parse_header(bytes(self._data[:HEADER_LEN]), max_length=self._max_length)
+        return max(0, HEADER_LEN + header.length - len(self._data))
+
+    def next_record(self) -> tuple[RecordHeader, bytes] | None:
+        """Pop one whole record (header, body), or None if more bytes are needed."""
+        if len(self._data) < HEADER_LEN:
+            return None
+        header = parse_header(bytes(self._data[:HEADER_LEN]), max_length=self._max_length)
+        end = HEADER_LEN + header.length
+        if len(self._data) < end:
+            return None
+        body = bytes(self._data[HEADER_LEN:end])
+        del self._data[:end]
+        return header, body
+
+    def pending(self) -> int:
+        return len(self._data)
+
+
+# -- alerts -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Alert:
+    level: int
+    description: int
+
+    @property
+    def known(self) -> AlertDescription | None:
+        try:
+            return AlertDescription(self.description)
+        except ValueError:
+            return None
+
+    @property
+    def name(self) -> str:
+        known = self.known
+        return known.name.lower() if known is not None else f"unknown({self.description})"
+
+
+def parse_alert(data: bytes) -> Alert:
+    if len(data) != 2:
+        raise ProtocolViolation(
+            f"alert record must hold 2 bytes, got {len(data)}", AlertDescription.DECODE_ERROR
+        )
+    level, description = data
+    if level not in (AlertLevel.WARNING, AlertLevel.FATAL):
+        raise ProtocolViolation(f"bad alert level {level}", AlertDescription.ILLEGAL_PARAMETER)
+    return Alert(level, description)
+
+
+def encode_alert(description: AlertDescription, level: AlertLevel | None = None) -> bytes:
+    if level is None:
+        warning = description in (AlertDescription.CLOSE_NOTIFY, AlertDescription.USER_CANCELED)
+        level = AlertLevel.WARNING if warning else AlertLevel.FATAL
+    return bytes((level, description))
+
+
+# -- handshake messages after the hand-off --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HandshakeMessage:
+    msg_type: int
+    body: bytes
+
+    def encode(self) -> bytes:
+        return encode_handshake(self.msg_type, self.body)
+
+
+def encode_handshake(msg_type: int, body: bytes) -> bytes:
+    return bytes((msg_type,)) + len(body).to_bytes(3, "big") + body
+
+
+# A post-handshake message larger than this is not legitimate (tickets are a few hundred
+# bytes); the bound keeps a hostile peer from growing our buffer without limit.
+MAX_POST_HANDSHAKE_MESSAGE = 1 << 16
+
+
+class HandshakeBuffer:
+    """Splits handshake records into messages: they may span or share records."""
+
+    def __init__(self) -> None:
+        self._data = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        if not data:
+            raise ProtocolViolation(
+                "empty handshake record", AlertDescription.UNEXPECTED_MESSAGE
+            )
+        self._data += data
+
+    def next_message(self) -> HandshakeMessage | None:
+        if len(self._data) < 4:
+            return None
+        length = int.from_bytes(self._data[1:4], "big")
+        if length > MAX_POST_HANDSHAKE_MESSAGE:
+            raise ProtocolViolation(
+                f"post-handshake message of {length} bytes is too large",
+                AlertDescription.DECODE_ERROR,
+            )
+        if len(self._data) < 4 + length:
+            return None
+        message = HandshakeMessage(self._data[0], bytes(self._data[4 : 4 + length]))
+        del self._data[: 4 + length]
+        return message
+
+    def pending(self) -> int:
+        """Bytes of an unfinished message (must be 0 when a key changes, RFC 8446 5.1)."""
+        return len(self._data)
+
+
+def parse_key_update(body: bytes) -> KeyUpdateRequest:
+    if len(body) != 1:
+        raise ProtocolViolation(
+            f"KeyUpdate body must be 1 byte, got {len(body)}", AlertDescription.DECODE_ERROR
+        )
+    try:
+        return KeyUpdateRequest(body[0])
+    except ValueError:
+        raise ProtocolViolation(
+            f"KeyUpdate with bad request_update {body[0]}", AlertDescription.ILLEGAL_PARAMETER
+        ) from None
+
+
+def encode_key_update(request: KeyUpdateRequest) -> bytes:
+    return encode_handshake(HandshakeType.KEY_UPDATE, bytes((request,)))

@@ -1,0 +1,97 @@
+"""The software engine: the same record semantics as the kernel, in user space.
+
+Used when the kernel has no TLS ULP or refuses the cipher, or when asked for.  The
+record work is :mod:`ktls.protection` (sans-IO); this module only moves bytes.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import BinaryIO
+
+from .protection import Opener, Sealer
+from .records import MAX_PLAINTEXT, RecordBuffer, max_ciphertext
+from .session import TrafficKeys
+from .suites import Cipher
+from .wire import ContentType, ProtocolVersion
+
+__all__ = ["SoftwareRx", "SoftwareTx"]
+
+_READ_SIZE = 1 << 16
+_FILE_CHUNK = 1 << 18
+
+
+class SoftwareTx:
+    name = "software"
+
+    def __init__(
+        self, sock: socket.socket, version: ProtocolVersion, cipher: Cipher, keys: TrafficKeys
+    ) -> None:
+        self._sock = sock
+        self._version = version
+        self._cipher = cipher
+        self._sealer = Sealer(version, cipher, keys.key, keys.iv, keys.seq, keys.explicit_nonce)
+
+    def _seal_all(self, content_type: ContentType, data: memoryview) -> bytes:
+        return b"".join(
+            self._sealer.seal(content_type, bytes(data[i : i + MAX_PLAINTEXT]))
+            for i in range(0, max(len(data), 1), MAX_PLAINTEXT)
+        )
+
+    def send(self, data: memoryview) -> int:
+        # Records go out whole (sendall): a partial record would corrupt the stream.
+        self._sock.sendall(self._seal_all(ContentType.APPLICATION_DATA, data))
+        return len(data)
+
+    def send_record(self, content_type: ContentType, payload: bytes) -> None:
+        self._sock.sendall(self._sealer.seal(content_type, payload))
+
+    def sendfile(self, file: BinaryIO, offset: int, count: int | None) -> int:
+        file.seek(offset)
+        sent = 0
+        while count is None or sent < count:
+            want = _FILE_CHUNK if count is None else min(_FILE_CHUNK, count - sent)
+            chunk = file.read(want)
+            if not chunk:
+                break
+            sent += self.send(memoryview(chunk))
+        file.seek(offset + sent)
+        return sent
+
+    def rekey(self, keys: TrafficKeys) -> None:
+        self._sealer = Sealer(self._version, self._cipher, keys.key, keys.iv, keys.seq)
+
+
+class SoftwareRx:
+    name = "software"
+
+    def __init__(
+        self, sock: socket.socket, version: ProtocolVersion, cipher: Cipher, keys: TrafficKeys
+    ) -> None:
+        self._sock = sock
+        self._version = version
+        self._cipher = cipher
+        self._opener = Opener(version, cipher, keys.key, keys.iv, keys.seq)
+        self._records = RecordBuffer(max_length=max_ciphertext(version))
+        self._data = bytearray()  # plaintext of a data record not yet returned
+
+    def recv_record(self, bufsize: int) -> tuple[ContentType, bytes] | None:
+        if self._data:
+            chunk = bytes(self._data[:bufsize])
+            del self._data[:bufsize]
+            return ContentType.APPLICATION_DATA, chunk
+        while True:
+            record = self._records.next_record()
+            if record is not None:
+                content_type, plaintext = self._opener.open(*record)
+                if content_type is ContentType.APPLICATION_DATA and len(plaintext) > bufsize:
+                    self._data += plaintext[bufsize:]
+                    plaintext = plaintext[:bufsize]
+                return content_type, plaintext
+            data = self._sock.recv(_READ_SIZE)
+            if not data:
+                return None
+            self._records.feed(data)
+
+    def rekey(self, keys: TrafficKeys) -> None:
+        self._opener = Opener(self._version, self._cipher, keys.key, keys.iv, keys.seq)
