@@ -590,11 +590,9 @@ echo ktls-uml >/proc/sys/kernel/hostname
 # `modprobe -d $RUN/modroot`, whose lib/modules links to the kernel's own tree.  Making it
 # the kernel's modprobe helper also lets the kernel autoload modules (crypto algorithms,
 # TCP ULPs, socket families) on demand.
+# One modprobe for all (each start costs ~0.1 s under UML); -a goes on past missing names.
 echo "$RUN/modprobe" >/proc/sys/kernel/modprobe
-: >"$RUN/modules"
-for module in {" ".join(MODULES)}; do
-    "$RUN/modprobe" -q "$module" 2>/dev/null && echo "$module" >>"$RUN/modules"
-done
+"$RUN/modprobe" -a -q {" ".join(MODULES)}
 cat /proc/modules >"$RUN/proc-modules"
 
 # tty1 and tty2 are wired to host pipes (con1=/con2= on the kernel command line) that the
@@ -901,10 +899,11 @@ def _boot(
     for line in problems:
         _log(f"kernel log: {line}")
     if verbose:
+        init = "?" if report.init_seconds is None else f"{report.init_seconds:.2f} s"
         boot = "?" if report.boot_seconds is None else f"{report.boot_seconds:.2f} s"
         _log(
             f"kernel {kernel.name} {kernel.version}; modules: {' '.join(report.modules)}; "
-            f"boot-to-command {boot}; total {total:.2f} s; status {report.status}"
+            f"kernel-to-init {init}; boot-to-command {boot}; total {total:.2f} s; status {report.status}"
         )
     return report
 

@@ -16,8 +16,10 @@ later call raises BrokenError with the original failure as its cause.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import socket
+import threading
 from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn
 
 from OpenSSL import SSL
@@ -52,9 +54,8 @@ from .wire import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Buffer
-
     from cryptography import x509
+    from typing_extensions import Buffer
 
     from .engine import RxEngine, TxEngine
 
@@ -112,17 +113,19 @@ class TLSSocket:
         self._close_sent = False
         self._closed = False
         self._failure: KTLSError | None = None
+        # Reads may send (KeyUpdate answers, alerts) while another thread sends data.
+        self._tx_lock = threading.RLock()
 
     # -- what was negotiated -----------------------------------------------------------------
 
     @property
     def tx_engine(self) -> str:
-        """"kernel" or "software": who protects the records we send."""
+        """ "kernel" or "software": who protects the records we send."""
         return self._tx.name
 
     @property
     def rx_engine(self) -> str:
-        """"kernel" or "software": who opens the records we receive."""
+        """ "kernel" or "software": who opens the records we receive."""
         return self._rx.name
 
     @property
@@ -319,7 +322,8 @@ class TLSSocket:
         self._check_usable(sending=True)
         view = memoryview(data).cast("B")
         try:
-            return self._tx.send(view)
+            with self._tx_lock:
+                return self._tx.send(view)
         except (TimeoutError, BlockingIOError, InterruptedError):
             if self._tx.name == "software":  # a record may have gone out in part
                 self._fail(BrokenError("send timed out in the middle of a record"), None)
@@ -340,7 +344,8 @@ class TLSSocket:
         """
         self._check_usable(sending=True)
         try:
-            return self._tx.sendfile(file, offset, count)
+            with self._tx_lock:
+                return self._tx.sendfile(file, offset, count)
         except (TimeoutError, BlockingIOError, InterruptedError):
             if self._tx.name == "software":
                 self._fail(BrokenError("sendfile timed out in the middle of a record"), None)
@@ -364,7 +369,8 @@ class TLSSocket:
                 f"{capabilities().rekey_error}"
             )
         request = (
-            KeyUpdateRequest.UPDATE_REQUESTED if request_peer
+            KeyUpdateRequest.UPDATE_REQUESTED
+            if request_peer
             else KeyUpdateRequest.UPDATE_NOT_REQUESTED
         )
         try:
@@ -374,13 +380,15 @@ class TLSSocket:
 
     def _update_tx_keys(self, request: KeyUpdateRequest) -> None:
         # The KeyUpdate itself goes out under the old key; everything after, the new.
-        self._send_control(ContentType.HANDSHAKE, encode_key_update(request))
-        self._tx_keys = next_generation(self._session.suite, self._tx_keys)
-        self._tx.rekey(self._tx_keys)
+        with self._tx_lock:
+            self._send_control(ContentType.HANDSHAKE, encode_key_update(request))
+            self._tx_keys = next_generation(self._session.suite, self._tx_keys)
+            self._tx.rekey(self._tx_keys)
 
     def _send_control(self, content_type: ContentType, payload: bytes) -> None:
         try:
-            self._tx.send_record(content_type, payload)
+            with self._tx_lock:
+                self._tx.send_record(content_type, payload)
         except OSError as exc:
             self._fail(BrokenError(f"connection failed while sending: {exc}"), None, exc)
 
@@ -405,7 +413,8 @@ class TLSSocket:
             return
         self._close_sent = True
         try:
-            self._tx.send_record(ContentType.ALERT, encode_alert(AlertDescription.CLOSE_NOTIFY))
+            with self._tx_lock:
+                self._tx.send_record(ContentType.ALERT, encode_alert(AlertDescription.CLOSE_NOTIFY))
         except OSError:
             pass  # the peer is gone; nothing left to tell it
 
@@ -430,13 +439,12 @@ class TLSSocket:
         if alert is not None and not self._close_sent:
             self._close_sent = True
             try:
-                self._tx.send_record(ContentType.ALERT, encode_alert(alert))
+                with self._tx_lock:
+                    self._tx.send_record(ContentType.ALERT, encode_alert(alert))
             except OSError:
                 pass
-        try:
+        with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
         if cause is not None:
             raise error from cause
         raise error
@@ -504,10 +512,7 @@ def _cert_dict(cert: x509.Certificate) -> dict[str, Any]:
     from cryptography import x509 as _x509  # noqa: PLC0415
 
     def name(n: _x509.Name) -> tuple[tuple[tuple[str, str], ...], ...]:
-        return tuple(
-            tuple((attr.oid._name, str(attr.value)) for attr in rdn)  # noqa: SLF001
-            for rdn in n.rdns
-        )
+        return tuple(tuple((attr.oid._name, str(attr.value)) for attr in rdn) for rdn in n.rdns)
 
     result: dict[str, Any] = {
         "subject": name(cert.subject),

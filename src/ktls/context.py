@@ -6,10 +6,11 @@ the bytes the driver asks for, then installs the session into the chosen engines
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from collections.abc import Iterable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 from OpenSSL import SSL
 
@@ -34,7 +35,10 @@ __all__ = ["ClientContext", "Offload", "ServerContext", "TLSListener"]
 Offload = Literal["auto", "kernel", "software"]
 _OFFLOADS = ("auto", "kernel", "software")
 _VERSION_NAMES = {"TLSv1.2": ProtocolVersion.TLS1_2, "TLSv1.3": ProtocolVersion.TLS1_3}
-_OPENSSL_VERSIONS = {ProtocolVersion.TLS1_2: SSL.TLS1_2_VERSION, ProtocolVersion.TLS1_3: SSL.TLS1_3_VERSION}
+_OPENSSL_VERSIONS = {
+    ProtocolVersion.TLS1_2: SSL.TLS1_2_VERSION,
+    ProtocolVersion.TLS1_3: SSL.TLS1_3_VERSION,
+}
 # Offered unless the caller names suites: what every kernel since 5.11 and the software
 # engine can carry.  CCM, ARIA and SM4 are offloadable too, on request.
 DEFAULT_CIPHERS = (
@@ -215,10 +219,8 @@ def _abort(sock: socket.socket, session: Session) -> None:
     sealer = Sealer(
         session.version, session.suite.cipher, keys.key, keys.iv, keys.seq, keys.explicit_nonce
     )
-    try:
+    with contextlib.suppress(OSError):
         sock.sendall(sealer.seal(ContentType.ALERT, encode_alert(AlertDescription.INTERNAL_ERROR)))
-    except OSError:
-        pass
     sock.close()
 
 
@@ -337,7 +339,8 @@ def _load_identity(
 ) -> None:
     cert_path = _check_file(certfile, "certificate file")
     key_path = _check_file(keyfile, "key file") or cert_path
-    assert cert_path is not None and key_path is not None
+    assert cert_path is not None
+    assert key_path is not None
     try:
         ctx.use_certificate_chain_file(cert_path)
     except SSL.Error as exc:
@@ -400,11 +403,11 @@ class ServerContext(_Context):
         if self.alpn_protocols:
             offered = [p.encode() for p in self.alpn_protocols]
 
-            def select(conn: SSL.Connection, protos: list[bytes]) -> bytes:
+            def select(conn: SSL.Connection, protos: list[bytes]) -> bytes | Any:
                 for proto in offered:
                     if proto in protos:
                         return proto
-                return SSL.NO_OVERLAPPING_PROTOCOLS  # type: ignore[no-any-return]
+                return SSL.NO_OVERLAPPING_PROTOCOLS
 
             ctx.set_alpn_select_callback(select)
 
@@ -447,5 +450,3 @@ class TLSListener:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-

@@ -279,7 +279,9 @@ class HandshakeDriver:
             secret = self._secrets.get(label)
             if secret is None:
                 raise HandshakeError(f"OpenSSL did not report {label} through the key log")
-            key, iv = tls13_traffic_key_iv(suite.hash_name, secret, cipher.key_len, cipher.nonce_len)
+            key, iv = tls13_traffic_key_iv(
+                suite.hash_name, secret, cipher.key_len, cipher.nonce_len
+            )
             # Only the server has written under its application key by now: the
             # NewSessionTickets of its final step (2 full, 1 resumed with OpenSSL 4.0).
             # The client's final flight was all under handshake keys.
@@ -293,12 +295,19 @@ class HandshakeDriver:
         cipher = suite.cipher
         conn = self._conn
         iv_len = cipher.tls12_fixed_iv_len
+        master, server_random, client_random = (
+            conn.master_key(),
+            conn.server_random(),
+            conn.client_random(),
+        )
+        if master is None or server_random is None or client_random is None:
+            raise HandshakeError("OpenSSL did not expose the TLS 1.2 master secret")
         block = split_tls12_key_block(
             tls12_key_block(
                 suite.hash_name,
-                conn.master_key(),
-                conn.server_random(),
-                conn.client_random(),
+                master,
+                server_random,
+                client_random,
                 tls12_key_block_length(cipher.key_len, iv_len),
             ),
             cipher.key_len,
@@ -371,4 +380,4 @@ def session_reused(conn: SSL.Connection) -> bool:
     """
     from OpenSSL._util import lib  # noqa: PLC0415 -- private, so kept to this one place
 
-    return bool(lib.SSL_session_reused(conn._ssl))  # noqa: SLF001
+    return bool(lib.SSL_session_reused(conn._ssl))

@@ -23,8 +23,13 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from . import linux
-from .errors import CipherUnsupported, KernelUnsupported, ProtocolViolation, RekeyUnsupported
-from .errors import ULPUnavailable
+from .errors import (
+    CipherUnsupported,
+    KernelUnsupported,
+    ProtocolViolation,
+    RekeyUnsupported,
+    ULPUnavailable,
+)
 from .records import MAX_PLAINTEXT
 from .session import TrafficKeys
 from .suites import CIPHERS, Cipher
@@ -43,7 +48,10 @@ __all__ = [
 _CMSG_SPACE = socket.CMSG_SPACE(1)
 # What the kernel's RX errors mean, and the alert RFC 8446/5246 name for each.
 _RX_ERRORS: dict[int, tuple[str, AlertDescription]] = {
-    errno.EBADMSG: ("record failed authentication or is malformed", AlertDescription.BAD_RECORD_MAC),
+    errno.EBADMSG: (
+        "record failed authentication or is malformed",
+        AlertDescription.BAD_RECORD_MAC,
+    ),
     errno.EMSGSIZE: ("record too large", AlertDescription.RECORD_OVERFLOW),
     errno.EINVAL: ("malformed record header", AlertDescription.DECODE_ERROR),
     errno.EKEYEXPIRED: (
@@ -89,8 +97,7 @@ def install(
         if exc.errno in (errno.ENOENT, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOPROTOOPT):
             hint = " (crypto module missing?)" if exc.errno == errno.ENOENT else ""
             raise CipherUnsupported(
-                f"kernel refused {cipher.name} {version.label} {what}: "
-                f"{exc.strerror}{hint}"
+                f"kernel refused {cipher.name} {version.label} {what}: {exc.strerror}{hint}"
             ) from exc
         raise KernelUnsupported(f"kernel refused {what} keys: {exc.strerror}") from exc
 
@@ -236,7 +243,10 @@ def capabilities() -> KernelCapabilities:
             with client, server:
                 attach_ulp(client)
                 attach_ulp(server)
-                for name, sock, direction in (("tx", client, linux.TLS_TX), ("rx", server, linux.TLS_RX)):
+                for name, sock, direction in (
+                    ("tx", client, linux.TLS_TX),
+                    ("rx", server, linux.TLS_RX),
+                ):
                     ciphers[(cipher.name, version.label, name)] = _try(
                         functools.partial(install, sock, direction, version, cipher, keys)
                     )
@@ -251,13 +261,21 @@ def capabilities() -> KernelCapabilities:
         rekey_error = tx_error or _try(
             functools.partial(install, client, linux.TLS_TX, version, cipher, keys)
         )
-        zerocopy = tx_error is None and _try(
-            functools.partial(client.setsockopt, linux.SOL_TLS, linux.TLS_TX_ZEROCOPY_RO, 1)
-        ) is None
+        zerocopy = (
+            tx_error is None
+            and _try(
+                functools.partial(client.setsockopt, linux.SOL_TLS, linux.TLS_TX_ZEROCOPY_RO, 1)
+            )
+            is None
+        )
         rx_error = _try(functools.partial(install, server, linux.TLS_RX, version, cipher, keys))
-        no_pad = rx_error is None and _try(
-            functools.partial(server.setsockopt, linux.SOL_TLS, linux.TLS_RX_EXPECT_NO_PAD, 1)
-        ) is None
+        no_pad = (
+            rx_error is None
+            and _try(
+                functools.partial(server.setsockopt, linux.SOL_TLS, linux.TLS_RX_EXPECT_NO_PAD, 1)
+            )
+            is None
+        )
     return KernelCapabilities(
         ulp=True,
         ciphers=ciphers,

@@ -61,8 +61,8 @@ def pack_crypto_info(version: ProtocolVersion, cipher: Cipher, keys: TrafficKeys
         )
     if len(salt) != cipher.salt_len or len(iv) != cipher.iv_len:
         raise ValueError(f"bad IV length for {cipher.name}")
-    return _INFO.pack(version, cipher.kernel_type) + iv + keys.key + salt + keys.seq.to_bytes(
-        8, "big"
+    return (
+        _INFO.pack(version, cipher.kernel_type) + iv + keys.key + salt + keys.seq.to_bytes(8, "big")
     )
 
 

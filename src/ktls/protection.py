@@ -59,8 +59,8 @@ class _Direction:
     def __init__(
         self, version: ProtocolVersion, cipher: Cipher, key: bytes, iv: bytes, seq: int
     ) -> None:
-        expected_iv = cipher.nonce_len if version is ProtocolVersion.TLS1_3 else (
-            cipher.tls12_fixed_iv_len
+        expected_iv = (
+            cipher.nonce_len if version is ProtocolVersion.TLS1_3 else (cipher.tls12_fixed_iv_len)
         )
         if len(key) != cipher.key_len or len(iv) != expected_iv:
             raise ValueError(f"bad key/iv length for {cipher.name}")
@@ -78,7 +78,9 @@ class _Direction:
     def _advance(self) -> None:
         self.seq += 1
         if self.seq >= _SEQ_LIMIT:  # RFC 8446 5.3: never wrap; a new key is required
-            raise ProtocolViolation("record sequence number exhausted", AlertDescription.INTERNAL_ERROR)
+            raise ProtocolViolation(
+                "record sequence number exhausted", AlertDescription.INTERNAL_ERROR
+            )
 
 
 class Sealer(_Direction):
@@ -164,9 +166,7 @@ class Opener(_Direction):
             plaintext = self._decrypt(self._nonce(explicit), sealed, aad)
             content_type = header.content_type
             if len(plaintext) > MAX_PLAINTEXT:
-                raise ProtocolViolation(
-                    "plaintext too long", AlertDescription.RECORD_OVERFLOW
-                )
+                raise ProtocolViolation("plaintext too long", AlertDescription.RECORD_OVERFLOW)
         self._advance()
         if content_type not in ContentType.__members__.values() or (
             content_type == ContentType.CHANGE_CIPHER_SPEC

@@ -185,9 +185,7 @@ class HandshakeBuffer:
 
     def feed(self, data: bytes) -> None:
         if not data:
-            raise ProtocolViolation(
-                "empty handshake record", AlertDescription.UNEXPECTED_MESSAGE
-            )
+            raise ProtocolViolation("empty handshake record", AlertDescription.UNEXPECTED_MESSAGE)
         self._data += data
 
     def next_message(self) -> HandshakeMessage | None:
