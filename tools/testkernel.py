@@ -340,8 +340,8 @@ def _sid_sources(source: AptSource) -> str:
     if signed_by is None and DEBIAN_KEYRING.is_file():
         signed_by = str(DEBIAN_KEYRING)
     lines = ["Types: deb", f"URIs: {source.uri}", "Suites: sid", "Components: main"]
-    if signed_by:
-        lines.append(f"Signed-By: {signed_by}")
+    if signed_by:  # a keyring path, or an inline key on continuation lines
+        lines.append(f"Signed-By:{'' if signed_by.startswith(chr(10)) else ' '}{signed_by}")
     return "\n".join(lines) + "\n"
 
 
@@ -487,7 +487,7 @@ def provision(name: str, *, refresh: bool = False) -> Kernel:
 class RunReport:
     status: int  # the command's exit status, or EXIT_TIMEOUT / EXIT_KERNEL_FAILED
     kernel: Kernel
-    modules: list[str]  # names from MODULES that modprobe loaded (or found built in)
+    modules: list[str]  # names from MODULES loaded in (or built into) the kernel
     proc_modules: list[str]  # /proc/modules after loading them
     init_seconds: float | None  # from starting linux.uml to init running
     boot_seconds: float | None  # from starting linux.uml to the command starting
@@ -544,7 +544,10 @@ def _init_script(
 ) -> str:
     q = shlex.quote
     ip = shutil.which("ip", path="/usr/sbin:/sbin:/usr/bin:/bin") or "ip"
-    stty_size = f" cols {tty_size.columns} rows {tty_size.lines}" if tty_size else ""
+    # Size of the guest ttys: the host terminal's, else 80x24 (not 0x0, which confuses
+    # programs that ask).
+    columns, lines = (tty_size.columns, tty_size.lines) if tty_size else (80, 24)
+    stty_size = f" cols {columns} rows {lines}"
     expose = "".join(
         f"mkdir -p {q(path)} && mount -t hostfs -o {q(path)} hostfs {q(path)}\n" for path in exposed
     )
@@ -589,8 +592,8 @@ echo ktls-uml >/proc/sys/kernel/hostname
 # The host has no /lib/modules/$(uname -r) for this kernel: $RUN/modprobe runs
 # `modprobe -d $RUN/modroot`, whose lib/modules links to the kernel's own tree.  Making it
 # the kernel's modprobe helper also lets the kernel autoload modules (crypto algorithms,
-# TCP ULPs, socket families) on demand.
-# One modprobe for all (each start costs ~0.1 s under UML); -a goes on past missing names.
+# TCP ULPs, socket families) on demand.  Preload the usual ones with a single modprobe
+# (each start costs ~0.1 s under UML); -a goes on past names this kernel lacks.
 echo "$RUN/modprobe" >/proc/sys/kernel/modprobe
 "$RUN/modprobe" -a -q {" ".join(MODULES)}
 cat /proc/modules >"$RUN/proc-modules"
@@ -616,6 +619,40 @@ poweroff -f
 echo o >/proc/sysrq-trigger
 sleep 10
 """
+
+
+def _modprobe() -> str:
+    modprobe = shutil.which("modprobe", path="/usr/sbin:/sbin:/usr/bin:/bin")
+    if modprobe is None:
+        raise TestKernelError("modprobe is missing (package kmod); run provision")
+    return modprobe
+
+
+def _present_modules(kernel: Kernel, modroot: Path, proc_modules: Sequence[str]) -> list[str]:
+    """Names from MODULES that are loaded in, or built into, the guest kernel.
+
+    A name may be an alias ("aes" -> aes_generic): resolve each one with the host's
+    modprobe against the kernel's module tree (-S: for that kernel version).
+    """
+    listing = _read_text(kernel.modules / kernel.version / "modules.builtin") or ""
+    builtin = {
+        Path(line.strip()).name.removesuffix(".ko").replace("-", "_")
+        for line in listing.splitlines()
+        if line.strip()
+    }
+    present = {name.replace("-", "_") for name in proc_modules} | builtin
+    found: list[str] = []
+    for name in MODULES:
+        proc = subprocess.run(
+            [_modprobe(), "-d", str(modroot), "-S", kernel.version, "-R", name],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        resolved = [module.replace("-", "_") for module in proc.stdout.split()]
+        if resolved and all(module in present for module in resolved):
+            found.append(name)
+    return found
 
 
 def _read_text(path: Path) -> str | None:
@@ -699,9 +736,7 @@ def run_kernel(
     sys.stderr.flush()
     workdir = os.path.abspath(cwd if cwd is not None else os.getcwd())
     mem_bytes = _parse_mem(mem)
-    modprobe = shutil.which("modprobe", path="/usr/sbin:/sbin:/usr/bin:/bin")
-    if modprobe is None:
-        raise TestKernelError("modprobe is missing; run provision")
+    modprobe = _modprobe()
 
     # The run directory must be on the host filesystem, which the guest sees through
     # hostfs: the guest writes its results there.  (Not /tmp: the guest has its own.)
@@ -866,15 +901,16 @@ def _boot(
         for line in log_text.splitlines()
         if re.search(r"\b(BUG|WARNING|Oops|Kernel panic|general protection)\b", line)
     ]
+    proc_modules = [
+        line.split()[0]
+        for line in (_read_text(run_dir / "proc-modules") or "").splitlines()
+        if line.strip()
+    ]
     report = RunReport(
         status=EXIT_KERNEL_FAILED,
         kernel=kernel,
-        modules=(_read_text(run_dir / "modules") or "").split(),
-        proc_modules=[
-            line.split()[0]
-            for line in (_read_text(run_dir / "proc-modules") or "").splitlines()
-            if line.strip()
-        ],
+        modules=_present_modules(kernel, run_dir / "modroot", proc_modules) if proc_modules else [],
+        proc_modules=proc_modules,
         init_seconds=since_start("t_init"),
         boot_seconds=since_start("t_cmd"),
         total_seconds=total,
@@ -887,10 +923,10 @@ def _boot(
     elif status_text.isdigit():
         report.status = int(status_text)
     else:
-        where = "before starting the command" if report.boot_seconds is None else ""
+        what = "before starting the command" if report.boot_seconds is None else "early"
         _log(
-            f"kernel {kernel.name} ({kernel.version}) ended {where} without a status "
-            f"(linux.uml exit {proc.returncode}); end of its log:"
+            f"kernel {kernel.name} ({kernel.version}) ended {what}, without the command's "
+            f"exit status (linux.uml exit {proc.returncode}); end of its log:"
         )
         for line in log_text.splitlines()[-30:]:
             print(f"    {line}", file=sys.stderr)
@@ -903,7 +939,8 @@ def _boot(
         boot = "?" if report.boot_seconds is None else f"{report.boot_seconds:.2f} s"
         _log(
             f"kernel {kernel.name} {kernel.version}; modules: {' '.join(report.modules)}; "
-            f"kernel-to-init {init}; boot-to-command {boot}; total {total:.2f} s; status {report.status}"
+            f"kernel-to-init {init}; boot-to-command {boot}; total {total:.2f} s; "
+            f"status {report.status}"
         )
     return report
 

@@ -65,8 +65,8 @@ class ProtocolViolation(KTLSError):
     when the socket can still send, then closes.
     """
 
-    def __init__(self, message: str, alert: AlertDescription) -> None:
-        super().__init__(f"{message} (alert {alert.name.lower()})")
+    def __init__(self, message: str, alert: AlertDescription | None) -> None:
+        super().__init__(message if alert is None else f"{message} (alert {alert.name.lower()})")
         self.alert = alert
 
 
@@ -74,7 +74,7 @@ class TruncatedStream(ProtocolViolation):
     """The peer closed TCP without sending close_notify: data may have been cut off."""
 
     def __init__(self, message: str = "connection closed without close_notify") -> None:
-        super().__init__(message, AlertDescription.CLOSE_NOTIFY)
+        super().__init__(message, None)  # nothing to tell a peer that is gone
 
 
 class KernelUnsupported(KTLSError):

@@ -75,8 +75,7 @@ class _Direction:
             return _xor_nonce(self._iv, self.seq)
         return self._iv + explicit
 
-    def _advance(self) -> None:
-        self.seq += 1
+    def _check_seq(self) -> None:
         if self.seq >= _SEQ_LIMIT:  # RFC 8446 5.3: never wrap; a new key is required
             raise ProtocolViolation(
                 "record sequence number exhausted", AlertDescription.INTERNAL_ERROR
@@ -103,6 +102,7 @@ class Sealer(_Direction):
     def seal(self, content_type: ContentType, plaintext: bytes) -> bytes:
         if len(plaintext) > MAX_PLAINTEXT:
             raise ValueError(f"record plaintext over {MAX_PLAINTEXT} bytes")
+        self._check_seq()
         tag = self.cipher.tag_len
         if self.version is ProtocolVersion.TLS1_3:
             inner = plaintext + bytes((content_type,))
@@ -116,7 +116,7 @@ class Sealer(_Direction):
             aad = _SEQ.pack(self.seq) + encode_header(content_type, len(plaintext))
             body = explicit + self._aead.encrypt(self._nonce(explicit), plaintext, aad)
             header = encode_header(content_type, len(body))
-        self._advance()
+        self.seq += 1
         return header + body
 
 
@@ -128,12 +128,12 @@ class Opener(_Direction):
 
         Never returns a byte that failed authentication.
         """
+        self._check_seq()
         tag = self.cipher.tag_len
         if self.version is ProtocolVersion.TLS1_3:
             if header.content_type != ContentType.APPLICATION_DATA:
                 raise ProtocolViolation(
-                    f"unprotected {ContentType(header.content_type).name} record after the "
-                    "handshake",
+                    f"unprotected record of type {header.content_type} after the handshake",
                     AlertDescription.UNEXPECTED_MESSAGE,
                 )
             if len(body) > MAX_PLAINTEXT + 256:
@@ -167,7 +167,7 @@ class Opener(_Direction):
             content_type = header.content_type
             if len(plaintext) > MAX_PLAINTEXT:
                 raise ProtocolViolation("plaintext too long", AlertDescription.RECORD_OVERFLOW)
-        self._advance()
+        self.seq += 1
         if content_type not in ContentType.__members__.values() or (
             content_type == ContentType.CHANGE_CIPHER_SPEC
         ):

@@ -1,0 +1,495 @@
+"""Connections against real peers: Python's ssl and openssl s_server/s_client.
+
+Each test runs on the kernel engine (marked ``kernel``: inside a UML kernel when the
+host lacks kTLS) and on the software engine, and asserts which engine carried it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import ssl
+import time
+from pathlib import Path
+
+import pytest
+
+import ktls
+from ktls import AlertDescription
+
+from .conftest import assert_engine
+from .peers import (
+    Certs,
+    echo_until_close,
+    openssl_client,
+    openssl_server,
+    python_ssl_context,
+    python_ssl_server,
+    run_in_thread,
+    server_cert,
+    suite_name,
+)
+
+VERSIONS = ["TLSv1.2", "TLSv1.3"]
+CIPHERS = ["AES-128-GCM", "AES-256-GCM", "CHACHA20-POLY1305", "AES-128-CCM"]
+CHUNK = 16 * 1024 + 100  # a little over one record
+TOTAL = 6 * CHUNK
+
+
+def _payload(n: int = TOTAL) -> bytes:
+    return os.urandom(n)
+
+
+def _lines(n_lines: int = 200) -> bytes:
+    return b"".join(os.urandom(40).hex().encode() + b"\n" for _ in range(n_lines))
+
+
+def _recv_exactly(tls: ktls.TLSSocket | ssl.SSLSocket, n: int) -> bytes:
+    data = bytearray()
+    while len(data) < n:
+        chunk = tls.recv(n - len(data))
+        assert chunk, f"stream ended after {len(data)} of {n} bytes"
+        data += chunk
+    return bytes(data)
+
+
+def _client(
+    certs: Certs, engine: str, version: str | None = None, cipher: str | None = None
+) -> ktls.ClientContext:
+    return ktls.ClientContext(
+        cafile=certs.ca,
+        ciphers=[suite_name(version, cipher)] if version and cipher else None,
+        minimum_version=version or "TLSv1.2",
+        maximum_version=version or "TLSv1.3",
+        offload=engine,  # type: ignore[arg-type]
+    )
+
+
+def _server(
+    certs: Certs, engine: str, version: str | None = None, cipher: str | None = None, **kw: object
+) -> ktls.ServerContext:
+    return ktls.ServerContext(
+        server_cert(certs, version or "TLSv1.3", cipher),
+        ciphers=[suite_name(version, cipher)] if version and cipher else None,
+        minimum_version=version or "TLSv1.2",
+        maximum_version=version or "TLSv1.3",
+        offload=engine,  # type: ignore[arg-type]
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def _python_peer_negotiates(version: str, cipher: str) -> bool:
+    # Python's ssl cannot choose TLS 1.3 suites, and OpenSSL leaves CCM out by default.
+    return not (version == "TLSv1.3" and cipher == "AES-128-CCM")
+
+
+MATRIX = [
+    pytest.param(version, cipher, peer, id=f"{version}-{cipher}-{peer}")
+    for version in VERSIONS
+    for cipher in CIPHERS
+    for peer in ("python", "openssl")
+    if peer == "openssl" or _python_peer_negotiates(version, cipher)
+]
+
+
+# -- the matrix: role x version x cipher x peer x engine -----------------------------------
+
+
+@pytest.mark.parametrize(("version", "cipher", "peer"), MATRIX)
+def test_client_exchanges_data(
+    certs: Certs, engine: str, version: str, cipher: str, peer: str
+) -> None:
+    context = _client(certs, engine, version, cipher)
+    if peer == "python":
+        server_ctx = python_ssl_context(certs, server=True, version=version, cipher=cipher)
+        with python_ssl_server(server_ctx, echo_until_close) as (address, thread):
+            tls = context.connect(address, server_hostname="localhost")
+            assert_engine(tls, engine)
+            assert tls.version() == version
+            assert tls.cipher()[0] == suite_name(version, cipher)
+            payload = _payload()
+            for i in range(0, len(payload), CHUNK):
+                tls.sendall(payload[i : i + CHUNK])
+                assert _recv_exactly(tls, len(payload[i : i + CHUNK])) == payload[i : i + CHUNK]
+            tls.shutdown(socket.SHUT_WR)  # our close_notify ends the peer's loop ...
+            assert tls.recv(100) == b""  # ... and its close_notify ends ours
+            tls.close()
+            assert thread.join() == len(payload)
+    else:
+        with openssl_server(certs, version, cipher, "-rev") as (address, proc):
+            tls = context.connect(address, server_hostname="localhost")
+            assert_engine(tls, engine)
+            lines = _lines()
+            tls.sendall(lines)
+            reply = _recv_exactly(tls, len(lines))
+            expected = b"".join(line[::-1] + b"\n" for line in lines.splitlines())
+            assert reply == expected
+            tls.sendall(b"CLOSE\n")  # s_server -rev answers with close_notify
+            assert tls.recv(100) == b""
+            tls.close()
+            proc.finish()
+
+
+@pytest.mark.parametrize(("version", "cipher", "peer"), MATRIX)
+def test_server_exchanges_data(
+    certs: Certs, engine: str, version: str, cipher: str, peer: str
+) -> None:
+    context = _server(certs, engine, version, cipher)
+    with context.listen(("127.0.0.1", 0)) as listener:
+        if peer == "python":
+            payload = _payload()
+
+            def python_client() -> bytes:
+                ctx = python_ssl_context(certs, server=False, version=version, cipher=cipher)
+                raw = socket.create_connection(listener.getsockname(), timeout=60)
+                with ctx.wrap_socket(
+                    raw, server_hostname="localhost", suppress_ragged_eofs=False
+                ) as conn:
+                    echoed = bytearray()
+                    for i in range(0, len(payload), CHUNK):
+                        conn.sendall(payload[i : i + CHUNK])
+                        echoed += _recv_exactly(conn, len(payload[i : i + CHUNK]))
+                    conn.unwrap()  # sends close_notify, waits for ours
+                    return bytes(echoed)
+
+            thread = run_in_thread(python_client)
+            tls, _ = listener.accept()
+            assert_engine(tls, engine)
+            assert tls.cipher()[0] == suite_name(version, cipher)
+            while data := tls.recv(65536):
+                tls.sendall(data)
+            tls.close()
+            assert thread.join() == payload
+        else:
+            lines = _lines()
+            proc = openssl_client(certs, listener.getsockname(), version, cipher, "-quiet")
+            try:
+                tls, _ = listener.accept()
+                assert_engine(tls, engine)
+                proc.write(lines)
+                received = _recv_exactly(tls, len(lines))
+                assert received == lines
+                tls.sendall(received.upper())
+                tls.close()
+                proc.close_stdin()
+                assert proc.finish() == 0
+                assert proc.output == lines.upper()
+            finally:
+                proc.stop()
+
+
+def test_server_with_ecdsa_and_rsa_certificates(certs: Certs, engine: str) -> None:
+    for cert in (certs.server_rsa, certs.server_ecdsa):
+        context = ktls.ServerContext(cert, offload=engine)  # type: ignore[arg-type]
+        with context.listen(("127.0.0.1", 0)) as listener:
+
+            def client() -> str | None:
+                ctx = python_ssl_context(certs, server=False)
+                raw = socket.create_connection(listener.getsockname(), timeout=60)
+                with ctx.wrap_socket(raw, server_hostname="localhost") as conn:
+                    conn.sendall(b"x")
+                    conn.recv(1)
+                    return conn.version()
+
+            thread = run_in_thread(client)
+            tls, _ = listener.accept()
+            assert_engine(tls, engine)
+            tls.sendall(tls.recv(1))
+            tls.close()
+            assert thread.join() == "TLSv1.3"
+
+
+# -- sendfile ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_sendfile_large_file(certs: Certs, engine: str, version: str, tmp_path: Path) -> None:
+    size = 8 * 1024 * 1024 + 12345
+    path = tmp_path / "big"
+    path.write_bytes(os.urandom(size))
+    expected = hashlib.sha256(path.read_bytes()).hexdigest()
+
+    def hash_until_close(conn: ssl.SSLSocket) -> tuple[str, int]:
+        digest = hashlib.sha256()
+        total = 0
+        while data := conn.recv(1 << 16):
+            digest.update(data)
+            total += len(data)
+        conn.unwrap()
+        return digest.hexdigest(), total
+
+    server_ctx = python_ssl_context(certs, server=True, version=version)
+    with python_ssl_server(server_ctx, hash_until_close) as (address, thread):
+        tls = _client(certs, engine, version).connect(address, server_hostname="localhost")
+        assert_engine(tls, engine)
+        with path.open("rb") as f:
+            assert tls.sendfile(f) == size
+            assert f.tell() == size
+        tls.shutdown(socket.SHUT_WR)
+        assert tls.recv(10) == b""
+        tls.close()
+        assert thread.join() == (expected, size)
+
+
+def test_sendfile_offset_and_count(certs: Certs, engine: str, tmp_path: Path) -> None:
+    path = tmp_path / "part"
+    content = os.urandom(300_000)
+    path.write_bytes(content)
+
+    def read_all(conn: ssl.SSLSocket) -> bytes:
+        data = bytearray()
+        while chunk := conn.recv(1 << 16):
+            data += chunk
+        conn.unwrap()
+        return bytes(data)
+
+    with python_ssl_server(python_ssl_context(certs, server=True), read_all) as (address, peer):
+        tls = _client(certs, engine).connect(address, server_hostname="localhost")
+        with path.open("rb") as f:
+            assert tls.sendfile(f, 1000, 200_000) == 200_000
+        tls.shutdown(socket.SHUT_WR)
+        tls.recv(1)
+        tls.close()
+        assert peer.join() == content[1000:201_000]
+
+
+# -- resumption ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_client_resumes_session(certs: Certs, engine: str, version: str) -> None:
+    server_ctx = python_ssl_context(certs, server=True, version=version)
+
+    def serve_twice(listener: socket.socket) -> list[bool]:
+        reused = []
+        for _ in range(2):
+            raw, _ = listener.accept()
+            with server_ctx.wrap_socket(raw, server_side=True) as conn:
+                conn.sendall(b"hello")  # after the tickets: the client reads past them
+                assert conn.recv(5) == b"thank"
+                reused.append(conn.session_reused)
+        return reused
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    thread = run_in_thread(lambda: serve_twice(listener))
+    context = _client(certs, engine, version)
+    first = context.connect(listener.getsockname(), server_hostname="localhost")
+    assert _recv_exactly(first, 5) == b"hello"
+    first.sendall(b"thank")
+    session = first.session
+    assert not first.session_reused
+    first.close()
+    second = context.connect(listener.getsockname(), server_hostname="localhost", session=session)
+    assert_engine(second, engine)
+    assert second.session_reused
+    assert _recv_exactly(second, 5) == b"hello"
+    second.sendall(b"thank")
+    second.close()
+    assert thread.join() == [False, True]
+    listener.close()
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_server_resumes_session(certs: Certs, engine: str, version: str) -> None:
+    context = _server(certs, engine, version)
+    with context.listen(("127.0.0.1", 0)) as listener:
+
+        def client_twice() -> list[bool]:
+            ctx = python_ssl_context(certs, server=False, version=version)
+            reused, session = [], None
+            for _ in range(2):
+                raw = socket.create_connection(listener.getsockname(), timeout=60)
+                with ctx.wrap_socket(raw, server_hostname="localhost", session=session) as conn:
+                    conn.sendall(b"ping")
+                    assert _recv_exactly(conn, 4) == b"pong"
+                    session = conn.session
+                    reused.append(conn.session_reused)
+                    conn.unwrap()
+            return reused
+
+        thread = run_in_thread(client_twice)
+        for expect_reused in (False, True):
+            tls, _ = listener.accept()
+            assert_engine(tls, engine)
+            assert tls.session_reused is expect_reused
+            assert _recv_exactly(tls, 4) == b"ping"
+            tls.sendall(b"pong")
+            assert tls.recv(1) == b""  # the peer's close_notify
+            tls.close()
+        assert thread.join() == [False, True]
+
+
+# -- closing, truncation, alerts, tampering ------------------------------------------------
+
+
+def test_peer_close_notify_ends_stream(certs: Certs, engine: str) -> None:
+    def close_first(conn: ssl.SSLSocket) -> bytes:
+        conn.sendall(b"bye")
+        conn.unwrap()  # close_notify, then waits for ours
+        return b"ok"
+
+    with python_ssl_server(python_ssl_context(certs, server=True), close_first) as (addr, peer):
+        tls = _client(certs, engine).connect(addr, server_hostname="localhost")
+        assert _recv_exactly(tls, 3) == b"bye"
+        assert tls.recv(10) == b""
+        assert tls.recv(10) == b""  # stays at end of stream
+        tls.close()  # answers with our close_notify: the peer's unwrap() completes
+        assert peer.join() == b"ok"
+
+
+def test_truncated_stream_is_an_error(certs: Certs, engine: str) -> None:
+    def cut(conn: ssl.SSLSocket) -> None:
+        conn.sendall(b"partial")
+        raw = socket.socket(fileno=os.dup(conn.fileno()))
+        raw.shutdown(socket.SHUT_RDWR)  # TCP FIN with no close_notify
+        raw.close()
+
+    with python_ssl_server(python_ssl_context(certs, server=True), cut) as (address, peer):
+        tls = _client(certs, engine).connect(address, server_hostname="localhost")
+        assert _recv_exactly(tls, 7) == b"partial"
+        with pytest.raises(ktls.TruncatedStream, match="without close_notify"):
+            tls.recv(10)
+        with pytest.raises(ktls.BrokenError):
+            tls.recv(10)
+        tls.close()
+        peer.join()
+
+
+def test_tampered_record_from_peer(certs: Certs, engine: str) -> None:
+    from .peers import TamperingRelay
+
+    def serve(conn: ssl.SSLSocket) -> str:
+        conn.sendall(b"first")
+        assert conn.recv(2) == b"go"
+        conn.sendall(b"second, tampered")
+        try:
+            conn.recv(10)
+        except ssl.SSLError as exc:
+            return exc.reason or str(exc)
+        return "no alert"
+
+    with python_ssl_server(python_ssl_context(certs, server=True), serve) as (address, peer):
+        relay = TamperingRelay(address)
+        tls = _client(certs, engine).connect(relay.address, server_hostname="localhost")
+        assert _recv_exactly(tls, 5) == b"first"
+        relay.tamper_to_client.set()
+        tls.sendall(b"go")
+        with pytest.raises(ktls.ProtocolViolation) as info:
+            tls.recv(100)
+        assert info.value.alert is AlertDescription.BAD_RECORD_MAC
+        assert relay.tampered.is_set()
+        with pytest.raises(ktls.BrokenError):
+            tls.recv(100)
+        tls.close()
+        # The peer was told why: our bad_record_mac alert reached it.
+        assert "BAD_RECORD_MAC" in peer.join().upper()
+        relay.close()
+
+
+def test_peer_alert_after_tampering_toward_peer(certs: Certs, engine: str) -> None:
+    from .peers import TamperingRelay
+
+    def serve(conn: ssl.SSLSocket) -> str:
+        conn.sendall(b"ready")  # the handshake is over on both sides
+        try:
+            conn.recv(100)
+        except ssl.SSLError as exc:
+            return exc.reason or str(exc)
+        return "no error"
+
+    with python_ssl_server(python_ssl_context(certs, server=True), serve) as (address, peer):
+        relay = TamperingRelay(address)
+        tls = _client(certs, engine).connect(relay.address, server_hostname="localhost")
+        assert _recv_exactly(tls, 5) == b"ready"
+        relay.tamper_to_server.set()
+        tls.sendall(b"this record gets a flipped bit")
+        with pytest.raises(ktls.AlertReceived) as info:
+            tls.recv(100)
+        assert info.value.alert is AlertDescription.BAD_RECORD_MAC
+        assert "bad_record_mac" in str(info.value)
+        tls.close()
+        assert "DECRYPTION_FAILED_OR_BAD_RECORD_MAC" in peer.join().upper()
+        relay.close()
+
+
+# -- KeyUpdate -----------------------------------------------------------------------------
+
+
+def _rekey_expected(engine: str) -> bool:
+    if engine == "software":
+        return True
+    major, minor = (int(x) for x in os.uname().release.split(".")[:2])
+    return (major, minor) >= (6, 14)
+
+
+def test_key_update_started_by_us(certs: Certs, engine: str) -> None:
+    def serve(conn: ssl.SSLSocket) -> int:
+        return echo_until_close(conn)
+
+    server_ctx = python_ssl_context(certs, server=True, version="TLSv1.3")
+    with python_ssl_server(server_ctx, serve) as (address, peer):
+        tls = _client(certs, engine, "TLSv1.3").connect(address, server_hostname="localhost")
+        assert_engine(tls, engine)
+        tls.sendall(b"before")
+        assert _recv_exactly(tls, 6) == b"before"
+        if not _rekey_expected(engine):
+            with pytest.raises(ktls.RekeyUnsupported, match="6.14"):
+                tls.key_update()
+            # Nothing was sent: the connection still works.
+        else:
+            tls.key_update(request_peer=True)
+            assert tls.tls_session.tx.generation == 0  # the session value is the hand-off
+        tls.sendall(b"after")
+        assert _recv_exactly(tls, 5) == b"after"
+        if _rekey_expected(engine):
+            tls.key_update(request_peer=False)
+            tls.sendall(b"again")
+            assert _recv_exactly(tls, 5) == b"again"
+        tls.shutdown(socket.SHUT_WR)
+        assert tls.recv(10) == b""
+        tls.close()
+        assert peer.join() == 16
+
+
+def test_key_update_started_by_peer(certs: Certs, engine: str) -> None:
+    with openssl_server(certs, "TLSv1.3", None) as (address, proc):
+        tls = _client(certs, engine, "TLSv1.3").connect(address, server_hostname="localhost")
+        assert_engine(tls, engine)
+        proc.wait_for(rb"CIPHER is")
+        proc.write(b"K\n")  # s_server: KeyUpdate, update_requested
+        time.sleep(1)  # s_server must read "K" alone (its output is buffered: no signal)
+        proc.write(b"under the new key\n")
+        if _rekey_expected(engine):
+            assert _recv_exactly(tls, 18) == b"under the new key\n"
+            tls.sendall(b"reply under our new key\n")
+            proc.wait_for(rb"reply under our new key")
+        else:
+            with pytest.raises(ktls.RekeyUnsupported, match="6.14"):
+                tls.recv(100)
+            with pytest.raises(ktls.BrokenError):
+                tls.recv(100)
+        tls.close()
+
+
+# -- renegotiation -------------------------------------------------------------------------
+
+
+def test_tls12_renegotiation_is_refused(certs: Certs, engine: str) -> None:
+    with openssl_server(certs, "TLSv1.2", None) as (address, proc):
+        tls = _client(certs, engine, "TLSv1.2").connect(address, server_hostname="localhost")
+        proc.wait_for(rb"CIPHER is")
+        proc.write(b"R\n")  # s_server: send HelloRequest
+        time.sleep(1)
+        proc.write(b"still there\n")
+        # We refuse with a no_renegotiation warning.  OpenSSL as a server takes that
+        # refusal as fatal: it says "no renegotiation" and ends with handshake_failure.
+        received = b""
+        with pytest.raises(ktls.AlertReceived) as info:
+            while True:
+                received += tls.recv(100)
+        assert info.value.alert is AlertDescription.HANDSHAKE_FAILURE
+        assert received == b"still there\n"
+        tls.close()
+        proc.finish()
+        assert b"no renegotiation" in proc.errors
