@@ -118,7 +118,16 @@ class KernelTx:
 
     def send_record(self, content_type: ContentType, payload: bytes) -> None:
         cmsg = [(linux.SOL_TLS, linux.TLS_SET_RECORD_TYPE, bytes((content_type,)))]
-        sent = self._sock.sendmsg([payload], cmsg)
+        try:
+            sent = self._sock.sendmsg([payload], cmsg)
+        except OSError as exc:
+            # A failed decryption parks its error (EBADMSG, ...) in the socket's error
+            # slot, and sends report it instead of sending.  Reading SO_ERROR clears
+            # it, so that our alert can still tell the peer why we stop.
+            if exc.errno not in _RX_ERRORS:
+                raise
+            self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            sent = self._sock.sendmsg([payload], cmsg)
         if sent != len(payload):  # a control record is sent whole or not at all
             raise OSError(errno.EIO, "short write of a TLS control record")
 
