@@ -80,7 +80,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
         return EXIT_OK
     console.print("TLS ULP: [green]available[/]")
     table = Table(title="ciphers accepted by the kernel (tried on loopback sockets)")
-    table.add_column("cipher")
+    table.add_column("cipher", no_wrap=True)
     table.add_column("since")
     for version in ProtocolVersion:
         table.add_column(f"{version.label} TX")
@@ -90,9 +90,12 @@ def cmd_probe(args: argparse.Namespace) -> int:
         for version in ProtocolVersion:
             for direction in ("tx", "rx"):
                 error = caps.ciphers.get((cipher.name, version.label, direction), "untested")
-                cells.append(_yes(error is None))
+                cells.append(_yes(True) if error is None else f"[red]no[/] {error.split(':')[0]}")
         table.add_row(*cells)
     console.print(table)
+    console.print(
+        "EINVAL: the kernel does not know the cipher; ENOENT: its crypto module is missing"
+    )
     console.print(
         f"TLS 1.3 KeyUpdate (rekey): {_yes(caps.rekey)}"
         + ("" if caps.rekey else f" -- {caps.rekey_error}")

@@ -227,10 +227,14 @@ def _dummy_keys(version: ProtocolVersion, cipher: Cipher) -> TrafficKeys:
 
 
 def _try(action: functools.partial[None]) -> str | None:
+    """None if the action worked, else "ERRNAME: message" saying why not."""
     try:
         action()
     except (KernelUnsupported, OSError) as exc:
-        return str(exc)
+        cause = exc if isinstance(exc, OSError) else exc.__cause__
+        code = getattr(cause, "errno", None)
+        name = errno.errorcode.get(code, "error") if isinstance(code, int) else "error"
+        return f"{name}: {exc}"
     return None
 
 
