@@ -323,6 +323,7 @@ class ClientContext(_Context):
     ) -> TLSSocket:
         """Open a TCP connection to ``address`` and handshake; SNI defaults to the host."""
         host = address[0]
+        self._ssl_context()  # settings and kernel errors come before any connection
         sock = socket.create_connection(address, timeout=timeout)
         name = server_hostname if server_hostname is not None else host
         try:

@@ -236,9 +236,13 @@ class HandshakeDriver:
     ) -> bool:
         """Record why OpenSSL rejected a certificate so the error can say it plainly."""
         if not ok and self._verify_error is None:
-            subject = cert.get_subject().CN if cert is not None else None
+            # Never raise here: OpenSSL would only see a failed callback.
+            try:
+                subject = cert.to_cryptography().subject.rfc4514_string() or "(empty)"
+            except Exception:  # noqa: BLE001
+                subject = "(unreadable)"
             what = _VERIFY_ERRORS.get(errnum, f"X509 error {errnum}")
-            self._verify_error = f"{what} (depth {depth}, subject CN={subject})"
+            self._verify_error = f"{what} (depth {depth}, subject {subject})"
         return bool(ok)
 
     def _build_session(self) -> Session:

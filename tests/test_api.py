@@ -1,0 +1,328 @@
+"""The public API: names, settings errors, verification, client certificates, ALPN."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from pathlib import Path
+
+import pytest
+
+import ktls
+from ktls import AlertDescription
+
+from .conftest import assert_engine
+from .peers import Certs, echo_until_close, python_ssl_context, python_ssl_server, run_in_thread
+
+PUBLIC = {
+    "AlertDescription", "AlertReceived", "BrokenError", "CIPHERS", "Cipher", "CipherUnsupported",
+    "ClientContext", "ClosedError", "ConfigError", "HandshakeError", "KTLSError",
+    "KernelCapabilities", "KernelUnsupported", "ProtocolVersion", "ProtocolViolation",
+    "RekeyUnsupported", "SUITES", "ServerContext", "Session", "Suite", "TLSListener",
+    "TLSSocket", "TrafficKeys", "TruncatedStream", "ULPUnavailable", "__version__",
+    "capabilities",
+}  # fmt: skip
+
+
+def test_public_api_is_explicit() -> None:
+    assert set(ktls.__all__) == PUBLIC
+    for name in ktls.__all__:
+        assert hasattr(ktls, name), name
+
+
+def test_one_root_exception() -> None:
+    for name in ktls.__all__:
+        value = getattr(ktls, name)
+        if isinstance(value, type) and issubclass(value, Exception):
+            assert issubclass(value, ktls.KTLSError), name
+    assert issubclass(ktls.RekeyUnsupported, ktls.KernelUnsupported)
+    assert issubclass(ktls.TruncatedStream, ktls.ProtocolViolation)
+    assert issubclass(ktls.ConfigError, ValueError)
+
+
+# -- settings errors: clear messages, raised before any network I/O ------------------------
+
+
+def test_wrong_certificate_path(tmp_path: Path) -> None:
+    with pytest.raises(ktls.ConfigError, match=r"certificate file .*missing.pem.* does not exist"):
+        ktls.ServerContext(tmp_path / "missing.pem")
+
+
+def test_wrong_key_path(certs: Certs, tmp_path: Path) -> None:
+    with pytest.raises(ktls.ConfigError, match=r"key file .*nokey.pem.* does not exist"):
+        ktls.ServerContext(certs.server_rsa, tmp_path / "nokey.pem")
+
+
+def test_key_not_matching_certificate(certs: Certs, tmp_path: Path) -> None:
+    # The ECDSA file's key with the RSA file's certificate.
+    cert_only = tmp_path / "cert.pem"
+    pem = certs.server_rsa.read_text()
+    cert_only.write_text(pem[pem.index("-----BEGIN CERTIFICATE-----") :])
+    with pytest.raises(ktls.ConfigError, match="does not match certificate"):
+        ktls.ServerContext(cert_only, certs.server_ecdsa)
+
+
+def test_garbage_certificate(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    with pytest.raises(ktls.ConfigError, match="cannot load certificate chain"):
+        ktls.ServerContext(junk)
+
+
+def test_unknown_or_unoffloadable_cipher() -> None:
+    with pytest.raises(ktls.ConfigError, match=r"cannot be offloaded.*TLS_AES_128_GCM_SHA256"):
+        ktls.ClientContext(ciphers=["AES128-SHA"])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"offload": "gpu"}, "offload must be one of"),
+        ({"minimum_version": "TLSv1.1"}, "unknown TLS version"),
+        ({"minimum_version": "TLSv1.3", "maximum_version": "TLSv1.2"}, "above maximum"),
+        ({"cafile": "/nonexistent/ca.pem"}, "CA file"),
+    ],
+)
+def test_bad_client_settings(kwargs: dict[str, str], message: str) -> None:
+    with pytest.raises(ktls.ConfigError, match=message):
+        ktls.ClientContext(**kwargs)  # type: ignore[arg-type]
+
+
+def test_hostname_check_needs_a_name(certs: Certs) -> None:
+    context = ktls.ClientContext(cafile=certs.ca)
+    with socket.socket() as sock, pytest.raises(ktls.ConfigError, match="server_hostname"):
+        context.wrap_socket(sock)
+
+
+def test_client_verification_needs_a_ca(certs: Certs) -> None:
+    with pytest.raises(ktls.ConfigError, match="client_cafile"):
+        ktls.ServerContext(certs.server_rsa, verify_client="required")
+
+
+# -- without kernel TLS --------------------------------------------------------------------
+
+
+@pytest.mark.noktls
+def test_kernel_offload_without_ulp_is_a_clear_error(certs: Certs) -> None:
+    assert not ktls.capabilities().ulp
+    context = ktls.ClientContext(cafile=certs.ca, offload="kernel")
+    with pytest.raises(ktls.ULPUnavailable, match="no 'tls' module"):
+        context.connect(("127.0.0.1", 9), server_hostname="localhost")
+    server = ktls.ServerContext(certs.server_rsa, offload="kernel")
+    with pytest.raises(ktls.ULPUnavailable, match="modprobe tls"):
+        server.wrap_socket(socket.socket())
+
+
+@pytest.mark.noktls
+def test_auto_offload_without_ulp_falls_back_and_says_so(certs: Certs) -> None:
+    with python_ssl_server(python_ssl_context(certs, server=True), echo_until_close) as (
+        address,
+        peer,
+    ):
+        tls = ktls.ClientContext(cafile=certs.ca).connect(address, server_hostname="localhost")
+        assert_engine(tls, "software")
+        tls.sendall(b"hi")
+        assert tls.recv(2) == b"hi"
+        tls.close()
+        peer.join()
+
+
+# -- verification and certificates (both engines) ------------------------------------------
+
+
+def _refused(conn: ssl.SSLSocket) -> None:  # pragma: no cover - never reached
+    raise AssertionError("the handshake should have failed")
+
+
+def _expect_server_error(ctx: ssl.SSLContext) -> tuple[socket.socket, object]:
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> str:
+        raw, _ = listener.accept()
+        with raw:
+            try:
+                with ctx.wrap_socket(raw, server_side=True) as conn:
+                    conn.recv(1)
+            except (ssl.SSLError, OSError) as exc:
+                return getattr(exc, "reason", None) or str(exc)
+        return "no error"
+
+    return listener, run_in_thread(serve)
+
+
+def test_untrusted_certificate_is_refused(certs: Certs, engine: str) -> None:
+    listener, peer = _expect_server_error(python_ssl_context(certs, server=True))
+    context = ktls.ClientContext(cafile=certs.other_ca, offload=engine)  # type: ignore[arg-type]
+    with pytest.raises(ktls.HandshakeError, match="certificate verify failed: unable to get local"):
+        context.connect(listener.getsockname(), server_hostname="localhost")
+    assert "UNKNOWN_CA" in peer.join().upper()  # type: ignore[attr-defined]
+    listener.close()
+
+
+def test_hostname_mismatch_is_refused(certs: Certs, engine: str) -> None:
+    listener, peer = _expect_server_error(python_ssl_context(certs, server=True))
+    context = ktls.ClientContext(cafile=certs.ca, offload=engine)  # type: ignore[arg-type]
+    with pytest.raises(ktls.HandshakeError, match=r"does not match 'other\.example'") as info:
+        context.connect(listener.getsockname(), server_hostname="other.example")
+    assert info.value.alert is AlertDescription.BAD_CERTIFICATE
+    assert "BAD_CERTIFICATE" in peer.join().upper()  # type: ignore[attr-defined]
+    listener.close()
+
+
+def test_ip_address_is_verified(certs: Certs, engine: str) -> None:
+    with python_ssl_server(python_ssl_context(certs, server=True), echo_until_close) as (
+        address,
+        peer,
+    ):
+        context = ktls.ClientContext(cafile=certs.ca, offload=engine)  # type: ignore[arg-type]
+        tls = context.connect(address)  # the name is "127.0.0.1", in the certificate
+        assert tls.server_hostname == "127.0.0.1"
+        tls.close()
+        with pytest.raises(ssl.SSLError):
+            peer.join()
+
+
+def test_peer_refuses_our_versions(certs: Certs, engine: str) -> None:
+    server_ctx = python_ssl_context(certs, server=True, version="TLSv1.2")
+    listener, peer = _expect_server_error(server_ctx)
+    context = ktls.ClientContext(
+        cafile=certs.ca,
+        minimum_version="TLSv1.3",
+        offload=engine,  # type: ignore[arg-type]
+    )
+    with pytest.raises(ktls.HandshakeError, match="peer sent alert protocol_version") as info:
+        context.connect(listener.getsockname(), server_hostname="localhost")
+    assert info.value.received
+    assert info.value.alert is AlertDescription.PROTOCOL_VERSION
+    peer.join()  # type: ignore[attr-defined]
+    listener.close()
+
+
+@pytest.mark.parametrize("version", ["TLSv1.2", "TLSv1.3"])
+def test_client_certificate_both_ways(certs: Certs, engine: str, version: str) -> None:
+    server = ktls.ServerContext(
+        certs.server_ecdsa,
+        verify_client="required",
+        client_cafile=certs.ca,
+        minimum_version=version,
+        maximum_version=version,
+        offload=engine,  # type: ignore[arg-type]
+    )
+    with server.listen(("127.0.0.1", 0)) as listener:
+        client = ktls.ClientContext(
+            cafile=certs.ca,
+            certfile=certs.client,
+            offload=engine,  # type: ignore[arg-type]
+        )
+        peer = run_in_thread(
+            lambda: client.connect(listener.getsockname(), server_hostname="localhost")
+        )
+        tls, _ = listener.accept()
+        assert_engine(tls, engine)
+        cert = tls.getpeercert()
+        assert isinstance(cert, dict)
+        assert ("email", "client@example.test") in cert["subjectAltName"] or cert["subject"]
+        assert isinstance(tls.getpeercert(binary_form=True), bytes)
+        client_side = peer.join()
+        assert client_side.getpeercert()["subjectAltName"] == (
+            ("DNS", "localhost"),
+            ("IP Address", "127.0.0.1"),
+        )
+        client_side.close()
+        tls.close()
+
+
+def test_missing_client_certificate_tls12(certs: Certs, engine: str) -> None:
+    server = ktls.ServerContext(
+        certs.server_rsa,
+        verify_client="required",
+        client_cafile=certs.ca,
+        maximum_version="TLSv1.2",
+        offload=engine,  # type: ignore[arg-type]
+    )
+    with server.listen(("127.0.0.1", 0)) as listener:
+        client = python_ssl_context(certs, server=False)
+        peer = run_in_thread(
+            lambda: client.wrap_socket(
+                socket.create_connection(listener.getsockname()), server_hostname="localhost"
+            )
+        )
+        with pytest.raises(ktls.HandshakeError, match="certificate"):
+            listener.accept()
+        with pytest.raises(ssl.SSLError, match="HANDSHAKE_FAILURE"):
+            peer.join()
+
+
+def test_tls13_missing_client_certificate_arrives_as_alert(certs: Certs, engine: str) -> None:
+    server_ctx = python_ssl_context(certs, server=True, version="TLSv1.3")
+    server_ctx.verify_mode = ssl.CERT_REQUIRED
+    server_ctx.load_verify_locations(certs.ca)
+    listener, peer = _expect_server_error(server_ctx)
+    context = ktls.ClientContext(cafile=certs.ca, offload=engine)  # type: ignore[arg-type]
+    # TLS 1.3: the client's handshake is over before the server judges its certificate.
+    tls = context.connect(listener.getsockname(), server_hostname="localhost")
+    assert_engine(tls, engine)
+    with pytest.raises(ktls.AlertReceived, match="certificate_required") as info:
+        tls.recv(10)
+    assert info.value.alert is AlertDescription.CERTIFICATE_REQUIRED
+    tls.close()
+    peer.join()  # type: ignore[attr-defined]
+    listener.close()
+
+
+def test_alpn_both_roles(certs: Certs, engine: str) -> None:
+    server = ktls.ServerContext(
+        certs.server_rsa,
+        alpn_protocols=["h2", "http/1.1"],
+        offload=engine,  # type: ignore[arg-type]
+    )
+    with server.listen(("127.0.0.1", 0)) as listener:
+        client = ktls.ClientContext(
+            cafile=certs.ca,
+            alpn_protocols=["http/1.1"],
+            offload=engine,  # type: ignore[arg-type]
+        )
+        peer = run_in_thread(
+            lambda: client.connect(listener.getsockname(), server_hostname="localhost")
+        )
+        tls, _ = listener.accept()
+        client_side = peer.join()
+        assert tls.selected_alpn_protocol() == "http/1.1"
+        assert client_side.selected_alpn_protocol() == "http/1.1"
+        assert tls.server_hostname == "localhost"  # the SNI the client sent
+        client_side.close()
+        tls.close()
+
+
+# -- socket-like behaviour -----------------------------------------------------------------
+
+
+def test_makefile_and_closed_errors(certs: Certs, engine: str) -> None:
+    with python_ssl_server(python_ssl_context(certs, server=True), echo_until_close) as (
+        address,
+        peer,
+    ):
+        context = ktls.ClientContext(cafile=certs.ca, offload=engine)  # type: ignore[arg-type]
+        tls = context.connect(address, server_hostname="localhost")
+        assert_engine(tls, engine)
+        assert "TLSSocket open" in repr(tls)
+        writer = tls.makefile("wb")
+        reader = tls.makefile("r", encoding="utf-8")
+        writer.write(b"line one\nline two\n")
+        writer.flush()
+        assert reader.readline() == "line one\n"
+        assert reader.readline() == "line two\n"
+        buffer = bytearray(4)
+        tls.sendall(b"abcd")
+        got = 0
+        while got < 4:
+            got += tls.recv_into(memoryview(buffer)[got:])
+        assert buffer == b"abcd"
+        tls.shutdown(socket.SHUT_WR)
+        with pytest.raises(ktls.ClosedError, match="close_notify was sent"):
+            tls.send(b"late")
+        assert tls.recv(10) == b""
+        tls.close()
+        with pytest.raises(ktls.ClosedError):
+            tls.recv(10)
+        assert peer.join() == 22
