@@ -166,7 +166,29 @@ class _Context:
         check_hostname: bool = False,
         session: SSL.Session | None = None,
     ) -> TLSSocket:
-        """Run the handshake on a connected socket and install the engines."""
+        """Run the handshake on a connected socket and install the engines.
+
+        The socket is ours from here on: it is closed if anything fails.
+        """
+        try:
+            return self._handshake_and_install(
+                sock,
+                server_hostname=server_hostname,
+                check_hostname=check_hostname,
+                session=session,
+            )
+        except BaseException:
+            sock.close()
+            raise
+
+    def _handshake_and_install(
+        self,
+        sock: socket.socket,
+        *,
+        server_hostname: str | None,
+        check_hostname: bool,
+        session: SSL.Session | None,
+    ) -> TLSSocket:
         ssl_context = self._ssl_context()
         ulp = False
         if self.offload != "software" and capabilities().ulp:
