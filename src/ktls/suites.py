@@ -56,8 +56,8 @@ CIPHERS: dict[str, Cipher] = {
         Cipher("CHACHA20-POLY1305", 54, 32, 0, 12, "5.11"),
         Cipher("SM4-GCM", 55, 16, 4, 8, "5.16"),
         Cipher("SM4-CCM", 56, 16, 4, 8, "5.16"),
-        Cipher("ARIA-128-GCM", 57, 16, 4, 8, "6.6"),
-        Cipher("ARIA-256-GCM", 58, 32, 4, 8, "6.6"),
+        Cipher("ARIA-128-GCM", 57, 16, 4, 8, "6.1"),
+        Cipher("ARIA-256-GCM", 58, 32, 4, 8, "6.1"),
     )
 }
 
