@@ -239,7 +239,7 @@ class HandshakeDriver:
             # Never raise here: OpenSSL would only see a failed callback.
             try:
                 subject = cert.to_cryptography().subject.rfc4514_string() or "(empty)"
-            except Exception:  # noqa: BLE001
+            except Exception:
                 subject = "(unreadable)"
             what = _VERIFY_ERRORS.get(errnum, f"X509 error {errnum}")
             self._verify_error = f"{what} (depth {depth}, subject {subject})"

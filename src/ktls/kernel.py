@@ -46,6 +46,7 @@ __all__ = [
 ]
 
 _CMSG_SPACE = socket.CMSG_SPACE(1)
+_KNOWN_TYPES = frozenset(ContentType.__members__.values())
 # What the kernel's RX errors mean, and the alert RFC 8446/5246 name for each.
 _RX_ERRORS: dict[int, tuple[str, AlertDescription]] = {
     errno.EBADMSG: (
@@ -53,7 +54,8 @@ _RX_ERRORS: dict[int, tuple[str, AlertDescription]] = {
         AlertDescription.BAD_RECORD_MAC,
     ),
     errno.EMSGSIZE: ("record too large", AlertDescription.RECORD_OVERFLOW),
-    errno.EINVAL: ("malformed record header", AlertDescription.DECODE_ERROR),
+    # The kernel's only EINVAL on receive: a header whose version is not 0x0303.
+    errno.EINVAL: ("record header with a bad version", AlertDescription.PROTOCOL_VERSION),
     errno.EKEYEXPIRED: (
         "record under a key that was not installed after KeyUpdate",
         AlertDescription.UNEXPECTED_MESSAGE,
@@ -170,6 +172,11 @@ class KernelRx:
         content_type = ContentType.APPLICATION_DATA
         for level, kind, value in ancdata:
             if level == linux.SOL_TLS and kind == linux.TLS_GET_RECORD_TYPE:
+                if value[0] not in _KNOWN_TYPES:  # the kernel passes any inner type on
+                    raise ProtocolViolation(
+                        f"record of unknown content type {value[0]}",
+                        AlertDescription.UNEXPECTED_MESSAGE,
+                    )
                 content_type = ContentType(value[0])
         if nbytes == 0 and content_type is ContentType.APPLICATION_DATA and not ancdata:
             return None

@@ -39,7 +39,10 @@ MAX_PLAINTEXT = 1 << 14
 # RFC 8446 5.2: TLSCiphertext.length <= 2^14 + 256.  RFC 5246 6.2.3: <= 2^14 + 2048.
 _MAX_CIPHERTEXT = {0x0304: MAX_PLAINTEXT + 256, 0x0303: MAX_PLAINTEXT + 2048}
 _HEADER = struct.Struct("!BHH")
-_LEGACY_VERSIONS = frozenset({0x0301, 0x0302, 0x0303})
+# During the handshake a record may say 0x0301 (RFC 8446 5.1); after it, every record
+# says 0x0303, and the kernel rejects anything else, so the software engine does too.
+HANDSHAKE_VERSIONS = frozenset({0x0301, 0x0302, 0x0303})
+PROTECTED_VERSIONS = frozenset({0x0303})
 
 
 def max_ciphertext(version: int) -> int:
@@ -53,7 +56,12 @@ class RecordHeader:
     length: int
 
 
-def parse_header(data: bytes, *, max_length: int = MAX_PLAINTEXT + 2048) -> RecordHeader:
+def parse_header(
+    data: bytes,
+    *,
+    max_length: int = MAX_PLAINTEXT + 2048,
+    versions: frozenset[int] = HANDSHAKE_VERSIONS,
+) -> RecordHeader:
     """Decode a 5-byte record header, rejecting lengths no valid peer sends."""
     if len(data) != HEADER_LEN:
         raise ProtocolViolation(
@@ -65,7 +73,7 @@ def parse_header(data: bytes, *, max_length: int = MAX_PLAINTEXT + 2048) -> Reco
         raise ProtocolViolation(
             f"unknown record content type {content_type}", AlertDescription.UNEXPECTED_MESSAGE
         )
-    if version not in _LEGACY_VERSIONS:
+    if version not in versions:
         raise ProtocolViolation(
             f"bad record version 0x{version:04x}", AlertDescription.PROTOCOL_VERSION
         )
@@ -88,9 +96,15 @@ class RecordBuffer:
     reading a socket never takes bytes beyond it (the hand-off depends on that).
     """
 
-    def __init__(self, *, max_length: int = MAX_PLAINTEXT + 2048) -> None:
+    def __init__(
+        self,
+        *,
+        max_length: int = MAX_PLAINTEXT + 2048,
+        versions: frozenset[int] = HANDSHAKE_VERSIONS,
+    ) -> None:
         self._data = bytearray()
         self._max_length = max_length
+        self._versions = versions
 
     def feed(self, data: bytes) -> None:
         self._data += data
@@ -98,14 +112,18 @@ class RecordBuffer:
     def needed(self) -> int:
         if len(self._data) < HEADER_LEN:
             return HEADER_LEN - len(self._data)
-        header = parse_header(bytes(self._data[:HEADER_LEN]), max_length=self._max_length)
+        header = parse_header(
+            bytes(self._data[:HEADER_LEN]), max_length=self._max_length, versions=self._versions
+        )
         return max(0, HEADER_LEN + header.length - len(self._data))
 
     def next_record(self) -> tuple[RecordHeader, bytes] | None:
         """Pop one whole record (header, body), or None if more bytes are needed."""
         if len(self._data) < HEADER_LEN:
             return None
-        header = parse_header(bytes(self._data[:HEADER_LEN]), max_length=self._max_length)
+        header = parse_header(
+            bytes(self._data[:HEADER_LEN]), max_length=self._max_length, versions=self._versions
+        )
         end = HEADER_LEN + header.length
         if len(self._data) < end:
             return None

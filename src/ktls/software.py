@@ -10,7 +10,7 @@ import socket
 from typing import BinaryIO
 
 from .protection import Opener, Sealer
-from .records import MAX_PLAINTEXT, RecordBuffer, max_ciphertext
+from .records import MAX_PLAINTEXT, PROTECTED_VERSIONS, RecordBuffer, max_ciphertext
 from .session import TrafficKeys
 from .suites import Cipher
 from .wire import ContentType, ProtocolVersion
@@ -72,7 +72,9 @@ class SoftwareRx:
         self._version = version
         self._cipher = cipher
         self._opener = Opener(version, cipher, keys.key, keys.iv, keys.seq)
-        self._records = RecordBuffer(max_length=max_ciphertext(version))
+        self._records = RecordBuffer(
+            max_length=max_ciphertext(version), versions=PROTECTED_VERSIONS
+        )
         self._data = bytearray()  # plaintext of a data record not yet returned
 
     def recv_record(self, bufsize: int) -> tuple[ContentType, bytes] | None:
