@@ -470,6 +470,29 @@ def test_key_update_started_by_peer(certs: Certs, engine: str) -> None:
         tls.close()
 
 
+def test_key_update_started_by_peer_to_our_server(certs: Certs, engine: str) -> None:
+    context = _server(certs, engine, "TLSv1.3")
+    with context.listen(("127.0.0.1", 0)) as listener:
+        proc = openssl_client(certs, listener.getsockname(), "TLSv1.3", None)
+        try:
+            tls, _ = listener.accept()
+            assert_engine(tls, engine)
+            proc.wait_for(rb"Verify return code: 0")
+            proc.write(b"K\n")  # s_client: KeyUpdate, update_requested
+            time.sleep(1)
+            proc.write(b"under the new key\n")
+            if _rekey_expected(engine):
+                assert _recv_exactly(tls, 18) == b"under the new key\n"
+                tls.sendall(b"server reply under its new key\n")
+                proc.wait_for(rb"server reply under its new key")
+            else:
+                with pytest.raises(ktls.RekeyUnsupported, match=r"6\.14"):
+                    tls.recv(100)
+            tls.close()
+        finally:
+            proc.stop()
+
+
 # -- renegotiation -------------------------------------------------------------------------
 
 
