@@ -201,6 +201,34 @@ def test_server_with_ecdsa_and_rsa_certificates(certs: Certs, engine: str) -> No
             assert thread.join() == "TLSv1.3"
 
 
+@pytest.mark.kernel
+@pytest.mark.parametrize("version", VERSIONS)
+def test_kernel_state_reads_back(certs: Certs, version: str) -> None:
+    """getsockopt shows the keys we installed and the kernel counting records."""
+    server_ctx = python_ssl_context(certs, server=True, version=version)
+    with python_ssl_server(server_ctx, echo_until_close) as (address, peer):
+        tls = _client(certs, "kernel", version).connect(address, server_hostname="localhost")
+        session = tls.tls_session
+        tx, rx = tls.kernel_crypto_info("tx"), tls.kernel_crypto_info("rx")
+        assert tx is not None
+        assert rx is not None
+        assert tx.cipher is session.suite.cipher
+        assert tx.version == session.version
+        assert (tx.rec_seq, rx.rec_seq) == (session.tx.seq, session.rx.seq)
+        for _ in range(3):
+            tls.sendall(b"ping")
+            assert _recv_exactly(tls, 4) == b"ping"
+        tx, rx = tls.kernel_crypto_info("tx"), tls.kernel_crypto_info("rx")
+        assert tx is not None
+        assert rx is not None
+        assert tx.rec_seq == session.tx.seq + 3
+        assert rx.rec_seq >= session.rx.seq + 3  # TLS 1.3: plus the tickets
+        tls.shutdown(socket.SHUT_WR)
+        tls.recv(1)
+        tls.close()
+        peer.join()
+
+
 # -- sendfile ------------------------------------------------------------------------------
 
 

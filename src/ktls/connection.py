@@ -33,7 +33,7 @@ from .errors import (
     RekeyUnsupported,
     TruncatedStream,
 )
-from .kernel import capabilities
+from .kernel import KernelRx, KernelTx, capabilities
 from .protection import Sealer
 from .records import (
     HandshakeBuffer,
@@ -58,6 +58,7 @@ if TYPE_CHECKING:
     from typing_extensions import Buffer
 
     from .engine import RxEngine, TxEngine
+    from .linux import CryptoInfo
 
 __all__ = ["TLSSocket"]
 
@@ -132,6 +133,12 @@ class TLSSocket:
     def tls_session(self) -> Session:
         """The hand-off value (version, suite, keys as installed)."""
         return self._session
+
+    def kernel_crypto_info(self, direction: str) -> CryptoInfo | None:
+        """``getsockopt`` read-back of the kernel's state for "tx" or "rx" (live
+        ``rec_seq``); None when that direction runs on the software engine."""
+        engine = {"tx": self._tx, "rx": self._rx}[direction]
+        return engine.crypto_info() if isinstance(engine, (KernelTx, KernelRx)) else None
 
     def version(self) -> str:
         return self._session.version.label

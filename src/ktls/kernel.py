@@ -42,6 +42,7 @@ __all__ = [
     "attach_ulp",
     "capabilities",
     "install",
+    "read_crypto_info",
     "read_tls_stat",
 ]
 
@@ -104,6 +105,16 @@ def install(
         raise KernelUnsupported(f"kernel refused {what} keys: {exc.strerror}") from exc
 
 
+def read_crypto_info(sock: socket.socket, direction: int, cipher: Cipher) -> linux.CryptoInfo:
+    """What the kernel holds for one direction now: ``getsockopt(SOL_TLS, TLS_TX/RX)``.
+
+    ``rec_seq`` is the live sequence number (and for TLS 1.2 ``iv`` the next explicit
+    nonce), so this shows the kernel doing the record work.
+    """
+    data = sock.getsockopt(linux.SOL_TLS, direction, linux.crypto_info_size(cipher))
+    return linux.unpack_crypto_info(data)
+
+
 class KernelTx:
     name = "kernel"
 
@@ -140,6 +151,9 @@ class KernelTx:
 
     def rekey(self, keys: TrafficKeys) -> None:
         install(self._sock, linux.TLS_TX, self._version, self._cipher, keys)
+
+    def crypto_info(self) -> linux.CryptoInfo:
+        return read_crypto_info(self._sock, linux.TLS_TX, self._cipher)
 
 
 class KernelRx:
@@ -184,6 +198,9 @@ class KernelRx:
 
     def rekey(self, keys: TrafficKeys) -> None:
         install(self._sock, linux.TLS_RX, self._version, self._cipher, keys)
+
+    def crypto_info(self) -> linux.CryptoInfo:
+        return read_crypto_info(self._sock, linux.TLS_RX, self._cipher)
 
 
 def read_tls_stat() -> dict[str, int] | None:
