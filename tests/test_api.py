@@ -326,3 +326,12 @@ def test_makefile_and_closed_errors(certs: Certs, engine: str) -> None:
         with pytest.raises(ktls.ClosedError):
             tls.recv(10)
         assert peer.join() == 22
+
+
+def test_verification_is_on_by_default(certs: Certs) -> None:
+    """A default client trusts the system store only: a private CA is refused."""
+    listener, peer = _expect_server_error(python_ssl_context(certs, server=True))
+    with pytest.raises(ktls.HandshakeError, match="certificate verify failed"):
+        ktls.ClientContext().connect(listener.getsockname(), server_hostname="localhost")
+    peer.join()  # type: ignore[attr-defined]
+    listener.close()

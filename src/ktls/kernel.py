@@ -115,16 +115,29 @@ def read_crypto_info(sock: socket.socket, direction: int, cipher: Cipher) -> lin
     return linux.unpack_crypto_info(data)
 
 
-class KernelTx:
+class _KernelDirection:
+    """One direction handed to the kernel: install, re-key, read back."""
+
     name = "kernel"
+    _direction: int  # linux.TLS_TX or linux.TLS_RX
 
     def __init__(
         self, sock: socket.socket, version: ProtocolVersion, cipher: Cipher, keys: TrafficKeys
     ) -> None:
-        install(sock, linux.TLS_TX, version, cipher, keys)
+        install(sock, self._direction, version, cipher, keys)
         self._sock = sock
         self._version = version
         self._cipher = cipher
+
+    def rekey(self, keys: TrafficKeys) -> None:
+        install(self._sock, self._direction, self._version, self._cipher, keys)
+
+    def crypto_info(self) -> linux.CryptoInfo:
+        return read_crypto_info(self._sock, self._direction, self._cipher)
+
+
+class KernelTx(_KernelDirection):
+    _direction = linux.TLS_TX
 
     def send(self, data: memoryview) -> int:
         return self._sock.send(data)
@@ -149,23 +162,14 @@ class KernelTx:
         # the kernel builds the records from the page cache: zero copies in user space.
         return self._sock.sendfile(file, offset, count)
 
-    def rekey(self, keys: TrafficKeys) -> None:
-        install(self._sock, linux.TLS_TX, self._version, self._cipher, keys)
 
-    def crypto_info(self) -> linux.CryptoInfo:
-        return read_crypto_info(self._sock, linux.TLS_TX, self._cipher)
-
-
-class KernelRx:
-    name = "kernel"
+class KernelRx(_KernelDirection):
+    _direction = linux.TLS_RX
 
     def __init__(
         self, sock: socket.socket, version: ProtocolVersion, cipher: Cipher, keys: TrafficKeys
     ) -> None:
-        install(sock, linux.TLS_RX, version, cipher, keys)
-        self._sock = sock
-        self._version = version
-        self._cipher = cipher
+        super().__init__(sock, version, cipher, keys)
         self._buffer = bytearray(MAX_PLAINTEXT + 1)
 
     def recv_record(self, bufsize: int) -> tuple[ContentType, bytes] | None:
@@ -195,12 +199,6 @@ class KernelRx:
         if nbytes == 0 and content_type is ContentType.APPLICATION_DATA and not ancdata:
             return None
         return content_type, bytes(view[:nbytes])
-
-    def rekey(self, keys: TrafficKeys) -> None:
-        install(self._sock, linux.TLS_RX, self._version, self._cipher, keys)
-
-    def crypto_info(self) -> linux.CryptoInfo:
-        return read_crypto_info(self._sock, linux.TLS_RX, self._cipher)
 
 
 def read_tls_stat() -> dict[str, int] | None:

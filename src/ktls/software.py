@@ -19,6 +19,7 @@ __all__ = ["SoftwareRx", "SoftwareTx"]
 
 _READ_SIZE = 1 << 16
 _FILE_CHUNK = 1 << 18
+_SEND_MAX = 16 * MAX_PLAINTEXT
 
 
 class SoftwareTx:
@@ -40,6 +41,8 @@ class SoftwareTx:
 
     def send(self, data: memoryview) -> int:
         # Records go out whole (sendall): a partial record would corrupt the stream.
+        # At most _SEND_MAX per call keeps memory bounded; sendall() loops.
+        data = data[:_SEND_MAX]
         self._sock.sendall(self._seal_all(ContentType.APPLICATION_DATA, data))
         return len(data)
 
@@ -54,7 +57,10 @@ class SoftwareTx:
             chunk = file.read(want)
             if not chunk:
                 break
-            sent += self.send(memoryview(chunk))
+            view = memoryview(chunk)
+            while view:
+                view = view[self.send(view) :]
+            sent += len(chunk)
         file.seek(offset + sent)
         return sent
 
