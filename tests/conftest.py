@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from ktls import capabilities
-from ktls.kernel import read_tls_stat
+from ktls.kernel import read_tls_stat, ulp_error
 
 from .peers import Certs
 
@@ -31,16 +30,16 @@ def kernel_release() -> str:
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
-    caps = capabilities()
-    state = "available" if caps.ulp else f"MISSING ({caps.ulp_error})"
+    missing = ulp_error()
+    state = "available" if missing is None else f"MISSING ({missing})"
     return [f"ktls: running on Linux {kernel_release()}; kernel TLS ULP {state}"]
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    if item.get_closest_marker("kernel") is not None and not capabilities().ulp:
+    if item.get_closest_marker("kernel") is not None and ulp_error() is not None:
         pytest.fail(
             f"this test needs kernel TLS, which Linux {kernel_release()} here lacks "
-            f"({capabilities().ulp_error}); `make test` runs it inside a UML kernel",
+            f"({ulp_error()}); `make test` runs it inside a UML kernel",
             pytrace=False,
         )
 

@@ -50,14 +50,14 @@ STATUS_LINE = re.compile(
 STDIN_MODES = ["eof", "open"]
 
 
-@dataclass
+@dataclass(repr=False)
 class Result:
     args: Sequence[str]
     status: int
     stdout: bytes
     stderr: str
 
-    def __str__(self) -> str:
+    def __repr__(self) -> str:  # what a failed assert shows
         return (
             f"`ktls {' '.join(self.args)}` exited {self.status}; "
             f"stderr:\n{self.stderr}\nstdout: {self.stdout[:300]!r}"
@@ -68,7 +68,9 @@ def run_ktls(*args: str, stdin: bytes | None = b"") -> Result:
     """Run ``python -m ktls ARGS``; ``stdin=None`` keeps stdin open until it exits."""
     command = [sys.executable, "-m", "ktls", *args]
     if stdin is not None:
-        done = subprocess.run(command, input=stdin, capture_output=True, timeout=TIMEOUT)
+        done = subprocess.run(
+            command, input=stdin, capture_output=True, timeout=TIMEOUT, check=False
+        )
         return Result(args, done.returncode, done.stdout, done.stderr.decode(errors="replace"))
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=out, stderr=err)
@@ -176,7 +178,6 @@ def test_connect_server_closes_first(certs: Certs, engine: str) -> None:
     ("options", "version", "cipher"),
     [
         pytest.param(["--tls1.2"], "TLSv1.2", None, id="tls1.2"),
-        pytest.param(["--tls1.3"], "TLSv1.3", None, id="tls1.3"),
         pytest.param(
             ["--tls1.2", "--cipher", "ECDHE-RSA-AES256-GCM-SHA384"],
             "TLSv1.2",
@@ -197,10 +198,10 @@ def test_connect_server_closes_first(certs: Certs, engine: str) -> None:
             id="tls1.3-chacha",
         ),
         pytest.param(
-            ["--tls1.3", "--cipher", "TLS_AES_256_GCM_SHA384"],
+            ["--tls1.3", "--cipher", "TLS_AES_128_GCM_SHA256"],
             "TLSv1.3",
-            "TLS_AES_256_GCM_SHA384",
-            id="tls1.3-aes256",
+            "TLS_AES_128_GCM_SHA256",
+            id="tls1.3-aes128",
         ),
     ],
 )
@@ -339,7 +340,7 @@ def test_connect_alert_after_handshake(certs: Certs, engine: str, stdin: str) ->
     assert "certificate_required" in result.stderr, result
     match = status_line(result, engine)
     assert match["version"] == "TLSv1.3"
-    assert "CERTIFICATE" in outcome.upper(), outcome
+    assert "PEER_DID_NOT_RETURN_A_CERTIFICATE" in outcome, outcome
 
 
 def test_connect_alert_during_tls12_handshake(certs: Certs, engine: str) -> None:
@@ -351,13 +352,22 @@ def test_connect_alert_during_tls12_handshake(certs: Certs, engine: str) -> None
     assert result.status == EXIT_HANDSHAKE, result
     assert "the peer sent alert handshake_failure" in result.stderr, result
     assert STATUS_LINE.search(result.stderr) is None
-    assert "CERTIFICATE" in outcome.upper(), outcome
+    assert "PEER_DID_NOT_RETURN_A_CERTIFICATE" in outcome, outcome
 
 
-@pytest.mark.parametrize("stdin", STDIN_MODES)
-def test_connect_truncated_stream(certs: Certs, engine: str, stdin: str) -> None:
+# How the server's cut meets the client's close_notify: "idle", the client (stdin open)
+# has nothing to say; "unanswered", the client's close_notify comes first and the server
+# closes TCP instead of answering it; "racing", the client's close_notify (stdin is empty)
+# crosses the cut, reaches a closed socket and draws an RST after the FIN.
+TRUNCATIONS = ["idle", "unanswered", "racing"]
+
+
+@pytest.mark.parametrize("how", TRUNCATIONS)
+def test_connect_truncated_stream(certs: Certs, engine: str, how: str) -> None:
     def cut(conn: ssl.SSLSocket) -> None:
         conn.sendall(b"partial")
+        if how == "unanswered":
+            assert conn.recv(100) == b""  # the client's close_notify
         raw = socket.socket(fileno=os.dup(conn.fileno()))
         raw.shutdown(socket.SHUT_RDWR)  # TCP FIN, no close_notify
         raw.close()
@@ -366,11 +376,11 @@ def test_connect_truncated_stream(certs: Certs, engine: str, stdin: str) -> None
     with python_ssl_server(server_ctx, cut) as (address, peer):
         result = run_ktls(
             *connect_args(address, engine, *trusted(certs)),
-            stdin=b"" if stdin == "eof" else None,
+            stdin=None if how == "idle" else b"",
         )
         peer.join()
     assert result.status == EXIT_PROTOCOL, result
-    assert "without close_notify" in result.stderr, result
+    assert "closed without close_notify" in result.stderr, result
     assert result.stdout == b"partial"
     status_line(result, engine)
 

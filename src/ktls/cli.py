@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import io
+import contextlib
 import json
 import os
+import select
 import socket
 import sys
 import threading
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
@@ -18,6 +20,7 @@ from . import __version__
 from .context import ClientContext
 from .errors import (
     AlertReceived,
+    BrokenError,
     ConfigError,
     HandshakeError,
     KernelUnsupported,
@@ -27,6 +30,9 @@ from .errors import (
 from .kernel import KernelCapabilities, capabilities, read_tls_stat
 from .suites import CIPHERS
 from .wire import ProtocolVersion
+
+if TYPE_CHECKING:
+    from .connection import TLSSocket
 
 __all__ = ["main"]
 
@@ -135,6 +141,23 @@ def _pump_to_stdout(tls: object, done: threading.Event, result: list[BaseExcepti
         done.set()
 
 
+def _pump_from_stdin(tls: TLSSocket, done: threading.Event) -> None:
+    """Copy stdin to the server until end of file, or until the reader is done.
+
+    select() rather than a blocking read: when the peer ends the connection (its
+    close_notify, a fatal alert, a cut) while stdin stays open, there is nothing left
+    to wait for.
+    """
+    fd = sys.stdin.fileno()
+    while not done.is_set():
+        readable, _, _ = select.select([fd], [], [], 0.1)
+        if readable:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                return
+            tls.sendall(chunk)
+
+
 def cmd_connect(args: argparse.Namespace) -> int:
     versions = {"tls1_2": "TLSv1.2", "tls1_3": "TLSv1.3"}
     minimum = maximum = versions[args.version] if args.version else None
@@ -174,28 +197,33 @@ def cmd_connect(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     done = threading.Event()
-    failures: list[BaseException] = []
+    failures: list[BaseException] = []  # the reader's
+    own_failure: BaseException | None = None  # the sending side's, when not an echo
     reader = threading.Thread(target=_pump_to_stdout, args=(tls, done, failures), daemon=True)
     reader.start()
     try:
-        if args.sendfile:
-            with open(args.sendfile, "rb") as f:
-                tls.sendfile(f)
-        else:
-            stdin = sys.stdin.buffer
-            assert isinstance(stdin, io.BufferedReader)
-            while not done.is_set() and (chunk := stdin.read1(1 << 16)):
-                tls.sendall(chunk)
-        if not done.is_set():
-            tls.shutdown(socket.SHUT_WR)  # close_notify: we have nothing more to say
+        try:
+            if args.sendfile:
+                with open(args.sendfile, "rb") as f:
+                    tls.sendfile(f)
+            else:
+                _pump_from_stdin(tls, done)
+            if not done.is_set():
+                # close_notify: we have nothing more to say.  If the peer is gone already
+                # (ENOTCONN), the reader tells why.
+                with contextlib.suppress(OSError):
+                    tls.shutdown(socket.SHUT_WR)
+        except (KTLSError, OSError) as exc:
+            # A send failing because the reader failed first ("failed earlier") is not news.
+            echo = isinstance(exc, BrokenError) and isinstance(exc.__cause__, KTLSError)
+            if not done.is_set() and not echo:
+                own_failure = exc
+            with contextlib.suppress(OSError):
+                tls.socket.shutdown(socket.SHUT_RDWR)  # the reader must end too
         reader.join()
-    except KTLSError as exc:
-        failures.append(exc)
-    except OSError as exc:
-        failures.append(exc)
     finally:
         tls.close()
-    return _report(failures)
+    return _report([own_failure, *failures] if own_failure else failures)
 
 
 def _report(failures: list[BaseException]) -> int:

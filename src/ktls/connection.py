@@ -33,7 +33,7 @@ from .errors import (
     RekeyUnsupported,
     TruncatedStream,
 )
-from .kernel import KernelRx, KernelTx, capabilities
+from .kernel import KernelRx, KernelTx, rekey_error
 from .protection import Sealer
 from .records import (
     HandshakeBuffer,
@@ -250,6 +250,12 @@ class TLSSocket:
             self._fail(exc, exc.alert)
         except (TimeoutError, BlockingIOError, InterruptedError):
             raise
+        except BrokenPipeError as exc:
+            # The kernel's TLS receive path reports the RST that follows a peer's bare FIN
+            # (once we have sent to its closed socket) before the end of the stream, where
+            # plain TCP reports the end first: either way the peer stopped without
+            # close_notify.
+            self._fail(TruncatedStream(), None, exc)
         except OSError as exc:
             self._fail(BrokenError(f"connection failed while reading: {exc}"), None, exc)
         if record is None:
@@ -370,10 +376,10 @@ class TLSSocket:
         self._check_usable(sending=True)
         if self._session.version is not ProtocolVersion.TLS1_3:
             raise ValueError("KeyUpdate exists only in TLS 1.3")
-        if "kernel" in (self.tx_engine, self.rx_engine) and not capabilities().rekey:
+        refusal = rekey_error() if "kernel" in (self.tx_engine, self.rx_engine) else None
+        if refusal is not None:
             raise RekeyUnsupported(
-                "this kernel cannot change TLS keys (KeyUpdate needs Linux >= 6.14): "
-                f"{capabilities().rekey_error}"
+                f"this kernel cannot change TLS keys (KeyUpdate needs Linux >= 6.14): {refusal}"
             )
         request = (
             KeyUpdateRequest.UPDATE_REQUESTED

@@ -22,7 +22,7 @@ from .errors import (
     ULPUnavailable,
 )
 from .handshake import HandshakeDriver, keylog_callback
-from .kernel import KernelRx, KernelTx, attach_ulp, capabilities
+from .kernel import KernelRx, KernelTx, attach_ulp, kernel_accepts, ulp_error
 from .protection import Sealer, software_supports
 from .records import encode_alert
 from .session import Role, Session
@@ -122,10 +122,12 @@ class _Context:
         if self.offload == "software":
             suites = tuple(s for s in suites if software_supports(s.cipher))
         else:
-            caps = capabilities()
-            if not caps.ulp and self.offload == "kernel":
-                raise ULPUnavailable(caps.ulp_error or "kernel TLS unavailable")
-            kernel_ok = tuple(s for s in suites if caps.ulp and caps.accepts(s.cipher, s.version))
+            missing = ulp_error()
+            if missing is not None and self.offload == "kernel":
+                raise ULPUnavailable(missing)
+            kernel_ok = tuple(
+                s for s in suites if missing is None and kernel_accepts(s.cipher, s.version)
+            )
             if self.offload == "kernel":
                 suites = kernel_ok
             else:  # auto: what the kernel takes, plus what software can carry instead
@@ -191,7 +193,7 @@ class _Context:
     ) -> TLSSocket:
         ssl_context = self._ssl_context()
         ulp = False
-        if self.offload != "software" and capabilities().ulp:
+        if self.offload != "software" and ulp_error() is None:
             # Attached before the handshake: with no keys set, the socket still behaves
             # like plain TCP, and a kernel that can't is found out before any TLS.
             attach_ulp(sock)

@@ -41,9 +41,13 @@ __all__ = [
     "KernelTx",
     "attach_ulp",
     "capabilities",
+    "cipher_errors",
     "install",
+    "kernel_accepts",
     "read_crypto_info",
     "read_tls_stat",
+    "rekey_error",
+    "ulp_error",
 ]
 
 _CMSG_SPACE = socket.CMSG_SPACE(1)
@@ -260,32 +264,48 @@ def _try(action: functools.partial[None]) -> str | None:
     return None
 
 
+# Each probe runs once per process, and only when asked: on a kernel that lacks a
+# cipher's module, each refusal costs a failed module autoload (~0.6 s under UML), so
+# a connection only probes the suites it offers; `ktls probe` probes them all.
+
+
 @functools.cache
-def capabilities() -> KernelCapabilities:
-    """Probe this kernel once per process (a few loopback connections, milliseconds)."""
-    release = os.uname().release
+def ulp_error() -> str | None:
+    """None when the TLS ULP attaches here, else why not."""
     client, server = _loopback_pair()
     with client, server:
         try:
             attach_ulp(client)
         except ULPUnavailable as exc:
-            return KernelCapabilities(ulp=False, ulp_error=str(exc), release=release)
-    ciphers: dict[tuple[str, str, str], str | None] = {}
-    for cipher in CIPHERS.values():
-        for version in ProtocolVersion:
-            keys = _dummy_keys(version, cipher)
-            client, server = _loopback_pair()
-            with client, server:
-                attach_ulp(client)
-                attach_ulp(server)
-                for name, sock, direction in (
-                    ("tx", client, linux.TLS_TX),
-                    ("rx", server, linux.TLS_RX),
-                ):
-                    ciphers[(cipher.name, version.label, name)] = _try(
-                        functools.partial(install, sock, direction, version, cipher, keys)
-                    )
-    # Rekey, zero-copy sendfile and no-pad, on TLS 1.3 AES-128-GCM.
+            return str(exc)
+    return None
+
+
+@functools.cache
+def cipher_errors(cipher: Cipher, version: ProtocolVersion) -> tuple[str | None, str | None]:
+    """(TX, RX) refusal of this cipher and version by the kernel; None where accepted."""
+    if ulp_error() is not None:
+        return ulp_error(), ulp_error()
+    keys = _dummy_keys(version, cipher)
+    client, server = _loopback_pair()
+    with client, server:
+        attach_ulp(client)
+        attach_ulp(server)
+        return (
+            _try(functools.partial(install, client, linux.TLS_TX, version, cipher, keys)),
+            _try(functools.partial(install, server, linux.TLS_RX, version, cipher, keys)),
+        )
+
+
+def kernel_accepts(cipher: Cipher, version: ProtocolVersion) -> bool:
+    return cipher_errors(cipher, version) == (None, None)
+
+
+@functools.cache
+def _features() -> tuple[str | None, bool, bool]:
+    """(rekey refusal, zero-copy sendfile, RX no-pad), tried on TLS 1.3 AES-128-GCM."""
+    if ulp_error() is not None:
+        return ulp_error(), False, False
     cipher, version = CIPHERS["AES-128-GCM"], ProtocolVersion.TLS1_3
     keys = _dummy_keys(version, cipher)
     client, server = _loopback_pair()
@@ -296,26 +316,39 @@ def capabilities() -> KernelCapabilities:
         rekey_error = tx_error or _try(
             functools.partial(install, client, linux.TLS_TX, version, cipher, keys)
         )
-        zerocopy = (
-            tx_error is None
-            and _try(
-                functools.partial(client.setsockopt, linux.SOL_TLS, linux.TLS_TX_ZEROCOPY_RO, 1)
-            )
-            is None
+        zerocopy = tx_error is None and not _try(
+            functools.partial(client.setsockopt, linux.SOL_TLS, linux.TLS_TX_ZEROCOPY_RO, 1)
         )
         rx_error = _try(functools.partial(install, server, linux.TLS_RX, version, cipher, keys))
-        no_pad = (
-            rx_error is None
-            and _try(
-                functools.partial(server.setsockopt, linux.SOL_TLS, linux.TLS_RX_EXPECT_NO_PAD, 1)
-            )
-            is None
+        no_pad = rx_error is None and not _try(
+            functools.partial(server.setsockopt, linux.SOL_TLS, linux.TLS_RX_EXPECT_NO_PAD, 1)
         )
+    return rekey_error, zerocopy, no_pad
+
+
+def rekey_error() -> str | None:
+    """None when this kernel can change TLS 1.3 keys (Linux >= 6.14), else why not."""
+    return _features()[0]
+
+
+@functools.cache
+def capabilities() -> KernelCapabilities:
+    """Everything this kernel's TLS layer accepts, probed on loopback sockets."""
+    release = os.uname().release
+    if ulp_error() is not None:
+        return KernelCapabilities(ulp=False, ulp_error=ulp_error(), release=release)
+    ciphers: dict[tuple[str, str, str], str | None] = {}
+    for cipher in CIPHERS.values():
+        for version in ProtocolVersion:
+            tx, rx = cipher_errors(cipher, version)
+            ciphers[(cipher.name, version.label, "tx")] = tx
+            ciphers[(cipher.name, version.label, "rx")] = rx
+    rekey, zerocopy, no_pad = _features()
     return KernelCapabilities(
         ulp=True,
         ciphers=ciphers,
-        rekey=rekey_error is None,
-        rekey_error=rekey_error,
+        rekey=rekey is None,
+        rekey_error=rekey,
         zerocopy_sendfile=zerocopy,
         rx_expect_no_pad=no_pad,
         release=release,
