@@ -180,6 +180,28 @@ def test_server_exchanges_data(
                 proc.stop()
 
 
+def test_small_reads_never_return_more_than_asked(certs: Certs, engine: str) -> None:
+    server_ctx = python_ssl_context(certs, server=True)
+    with python_ssl_server(server_ctx, echo_until_close) as (address, peer):
+        tls = _client(certs, engine).connect(address, server_hostname="localhost")
+        payload = _payload(3 * 16384 + 7)
+        tls.sendall(payload)
+        received = bytearray()
+        for size in (1, 10, 16385, 3):
+            data = tls.recv(size)
+            assert 0 < len(data) <= size
+            received += data
+        while len(received) < len(payload):
+            data = tls.recv(1000)
+            assert 0 < len(data) <= 1000
+            received += data
+        assert received == payload
+        tls.shutdown(socket.SHUT_WR)
+        assert tls.recv(10) == b""
+        tls.close()
+        assert peer.join() == len(payload)
+
+
 def test_server_with_ecdsa_and_rsa_certificates(certs: Certs, engine: str) -> None:
     for cert in (certs.server_rsa, certs.server_ecdsa):
         context = ktls.ServerContext(cert, offload=engine)  # type: ignore[arg-type]

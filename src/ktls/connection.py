@@ -108,6 +108,7 @@ class TLSSocket:
         self._tx_keys = session.tx
         self._rx_keys = session.rx
         self._messages = HandshakeBuffer()
+        self._unread = bytearray()  # application data read but not yet returned
         tls13_client = session.version is ProtocolVersion.TLS1_3 and session.role is Role.CLIENT
         self._tickets = _TicketSink(conn, session) if tls13_client else None
         self._peer_closed = False  # close_notify received
@@ -228,9 +229,16 @@ class TLSSocket:
         self._check_usable()
         if bufsize < 0:
             raise ValueError("negative buffer size")
+        if self._unread:
+            data = bytes(self._unread[:bufsize])
+            del self._unread[:bufsize]
+            return data
         while bufsize and not self._peer_closed:
             content_type, data = self._read_record(bufsize)
             if content_type is ContentType.APPLICATION_DATA:
+                if len(data) > bufsize:  # an engine may return a whole record, or more
+                    self._unread += data[bufsize:]
+                    return data[:bufsize]
                 if data:  # zero-length records are legal (TLS 1.3) and carry nothing
                     return data
             else:

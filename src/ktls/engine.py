@@ -36,8 +36,9 @@ class RxEngine(Protocol):
     name: str
 
     def recv_record(self, bufsize: int) -> tuple[ContentType, bytes] | None:
-        """Return the next plaintext: one non-data record, or up to ``bufsize`` bytes
-        of application data (possibly from several records).  None means TCP EOF."""
+        """Return the next plaintext: one non-data record, or application data (one
+        record or, from the kernel, several).  ``bufsize`` is a hint: more may come
+        back, and the connection keeps the rest.  None means TCP EOF."""
 
     def rekey(self, keys: TrafficKeys) -> None:
         """Open all following records with new keys (TLS 1.3 KeyUpdate)."""

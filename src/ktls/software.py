@@ -81,22 +81,13 @@ class SoftwareRx:
         self._records = RecordBuffer(
             max_length=max_ciphertext(version), versions=PROTECTED_VERSIONS
         )
-        self._data = bytearray()  # plaintext of a data record not yet returned
 
     def recv_record(self, bufsize: int) -> tuple[ContentType, bytes] | None:
-        if self._data:
-            chunk = bytes(self._data[:bufsize])
-            del self._data[:bufsize]
-            return ContentType.APPLICATION_DATA, chunk
         while True:
             record = self._records.next_record()
             if record is not None:
-                content_type, plaintext = self._opener.open(*record)
-                if content_type is ContentType.APPLICATION_DATA and len(plaintext) > bufsize:
-                    self._data += plaintext[bufsize:]
-                    plaintext = plaintext[:bufsize]
-                return content_type, plaintext
-            data = self._sock.recv(_READ_SIZE)
+                return self._opener.open(*record)
+            data = self._sock.recv(max(bufsize, _READ_SIZE))
             if not data:
                 return None
             self._records.feed(data)
