@@ -75,6 +75,12 @@ CASES = {
         UNEXPECTED,
         UNEXPECTED,
     ),
+    "data-inside-a-fragmented-handshake-message": Case(
+        lambda k: seal13(k, encode_handshake(4, bytes(40))[:10] + b"\x16")
+        + seal13(TrafficKeys(key=k.key, iv=k.iv, seq=k.seq + 1), b"data\x17"),
+        UNEXPECTED,
+        UNEXPECTED,
+    ),
     "key-update-not-at-record-end": Case(
         lambda k: seal13(k, encode_handshake(24, b"\x00") + b"\x04\x00" + b"\x16"),
         UNEXPECTED,

@@ -22,18 +22,21 @@ import socket
 import threading
 from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn
 
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
 
 from .errors import (
     AlertReceived,
     BrokenError,
     ClosedError,
+    KernelUnsupported,
     KTLSError,
     ProtocolViolation,
     RekeyUnsupported,
     TruncatedStream,
 )
-from .kernel import KernelRx, KernelTx, rekey_error
+from .kernel import rekey_error
 from .protection import Sealer
 from .records import (
     HandshakeBuffer,
@@ -54,7 +57,6 @@ from .wire import (
 )
 
 if TYPE_CHECKING:
-    from cryptography import x509
     from typing_extensions import Buffer
 
     from .engine import RxEngine, TxEngine
@@ -122,12 +124,12 @@ class TLSSocket:
 
     @property
     def tx_engine(self) -> str:
-        """ "kernel" or "software": who protects the records we send."""
+        """Who protects the records we send: "kernel" or "software"."""
         return self._tx.name
 
     @property
     def rx_engine(self) -> str:
-        """ "kernel" or "software": who opens the records we receive."""
+        """Who opens the records we receive: "kernel" or "software"."""
         return self._rx.name
 
     @property
@@ -138,8 +140,9 @@ class TLSSocket:
     def kernel_crypto_info(self, direction: str) -> CryptoInfo | None:
         """``getsockopt`` read-back of the kernel's state for "tx" or "rx" (live
         ``rec_seq``); None when that direction runs on the software engine."""
-        engine = {"tx": self._tx, "rx": self._rx}[direction]
-        return engine.crypto_info() if isinstance(engine, (KernelTx, KernelRx)) else None
+        if direction not in ("tx", "rx"):
+            raise ValueError(f"direction must be 'tx' or 'rx', not {direction!r}")
+        return self._tx.crypto_info() if direction == "tx" else self._rx.crypto_info()
 
     def version(self) -> str:
         return self._session.version.label
@@ -177,8 +180,6 @@ class TLSSocket:
         if cert is None:
             return None
         if binary_form:
-            from cryptography.hazmat.primitives.serialization import Encoding  # noqa: PLC0415
-
             return cert.public_bytes(Encoding.DER)
         return _cert_dict(cert)
 
@@ -235,7 +236,7 @@ class TLSSocket:
             return data
         while bufsize and not self._peer_closed:
             content_type, data = self._read_record(bufsize)
-            if content_type is ContentType.APPLICATION_DATA:
+            if content_type is ContentType.APPLICATION_DATA and not self._messages.pending():
                 if len(data) > bufsize:  # an engine may return a whole record, or more
                     self._unread += data[bufsize:]
                     return data[:bufsize]
@@ -272,6 +273,12 @@ class TLSSocket:
 
     def _handle_control(self, content_type: ContentType, data: bytes) -> None:
         try:
+            if content_type is not ContentType.HANDSHAKE and self._messages.pending():
+                # RFC 8446 5.1: no other record may come inside a handshake message.
+                raise ProtocolViolation(
+                    f"{content_type.name} record inside a fragmented handshake message",
+                    AlertDescription.UNEXPECTED_MESSAGE,
+                )
             if content_type is ContentType.ALERT:
                 self._handle_alert(data)
             elif content_type is ContentType.HANDSHAKE:
@@ -285,7 +292,7 @@ class TLSSocket:
                 )
         except ProtocolViolation as exc:
             self._fail(exc, exc.alert)
-        except RekeyUnsupported as exc:
+        except KernelUnsupported as exc:  # RekeyUnsupported, mostly
             # We cannot read what follows: end politely rather than hang or misread.
             self._fail(exc, AlertDescription.CLOSE_NOTIFY)
 
@@ -530,9 +537,7 @@ class _RawTLS(io.RawIOBase):
 
 
 def _cert_dict(cert: x509.Certificate) -> dict[str, Any]:
-    from cryptography import x509 as _x509  # noqa: PLC0415
-
-    def name(n: _x509.Name) -> tuple[tuple[tuple[str, str], ...], ...]:
+    def name(n: x509.Name) -> tuple[tuple[tuple[str, str], ...], ...]:
         return tuple(tuple((attr.oid._name, str(attr.value)) for attr in rdn) for rdn in n.rdns)
 
     result: dict[str, Any] = {
@@ -544,10 +549,10 @@ def _cert_dict(cert: x509.Certificate) -> dict[str, Any]:
         "notAfter": cert.not_valid_after_utc.strftime("%b %d %H:%M:%S %Y GMT"),
     }
     try:
-        san = cert.extensions.get_extension_for_class(_x509.SubjectAlternativeName).value
-    except _x509.ExtensionNotFound:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
         return result
-    entries: list[tuple[str, str]] = [("DNS", v) for v in san.get_values_for_type(_x509.DNSName)]
-    entries += [("IP Address", str(v)) for v in san.get_values_for_type(_x509.IPAddress)]
+    entries: list[tuple[str, str]] = [("DNS", v) for v in san.get_values_for_type(x509.DNSName)]
+    entries += [("IP Address", str(v)) for v in san.get_values_for_type(x509.IPAddress)]
     result["subjectAltName"] = tuple(entries)
     return result

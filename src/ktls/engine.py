@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import BinaryIO, Protocol
 
+from .linux import CryptoInfo
 from .session import TrafficKeys
 from .wire import ContentType
 
@@ -31,6 +32,9 @@ class TxEngine(Protocol):
     def rekey(self, keys: TrafficKeys) -> None:
         """Protect all following records with new keys (TLS 1.3 KeyUpdate)."""
 
+    def crypto_info(self) -> CryptoInfo | None:
+        """The kernel's live state for this direction (None on the software engine)."""
+
 
 class RxEngine(Protocol):
     name: str
@@ -42,3 +46,6 @@ class RxEngine(Protocol):
 
     def rekey(self, keys: TrafficKeys) -> None:
         """Open all following records with new keys (TLS 1.3 KeyUpdate)."""
+
+    def crypto_info(self) -> CryptoInfo | None:
+        """The kernel's live state for this direction (None on the software engine)."""

@@ -22,9 +22,14 @@ _FILE_CHUNK = 1 << 18
 _SEND_MAX = 16 * MAX_PLAINTEXT
 
 
-class SoftwareTx:
+class _SoftwareDirection:
     name = "software"
 
+    def crypto_info(self) -> None:
+        return None  # nothing in the kernel
+
+
+class SoftwareTx(_SoftwareDirection):
     def __init__(
         self, sock: socket.socket, version: ProtocolVersion, cipher: Cipher, keys: TrafficKeys
     ) -> None:
@@ -68,9 +73,7 @@ class SoftwareTx:
         self._sealer = Sealer(self._version, self._cipher, keys.key, keys.iv, keys.seq)
 
 
-class SoftwareRx:
-    name = "software"
-
+class SoftwareRx(_SoftwareDirection):
     def __init__(
         self, sock: socket.socket, version: ProtocolVersion, cipher: Cipher, keys: TrafficKeys
     ) -> None:
