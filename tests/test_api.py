@@ -170,16 +170,17 @@ def test_hostname_mismatch_is_refused(certs: Certs, engine: str) -> None:
 
 
 def test_ip_address_is_verified(certs: Certs, engine: str) -> None:
-    with python_ssl_server(python_ssl_context(certs, server=True), echo_until_close) as (
-        address,
-        peer,
-    ):
+    server_ctx = python_ssl_context(certs, server=True)
+    names: list[str | None] = []
+    server_ctx.sni_callback = lambda _sock, name, _ctx: names.append(name)
+    with python_ssl_server(server_ctx, echo_until_close) as (address, peer):
         context = ktls.ClientContext(cafile=certs.ca, offload=engine)  # type: ignore[arg-type]
         tls = context.connect(address)  # the name is "127.0.0.1", in the certificate
         assert tls.server_hostname == "127.0.0.1"
         tls.close()
         with pytest.raises(ssl.SSLError):
             peer.join()
+    assert names == [None]  # RFC 6066: no IP address in SNI
 
 
 def test_peer_refuses_our_versions(certs: Certs, engine: str) -> None:

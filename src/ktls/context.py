@@ -7,6 +7,7 @@ the bytes the driver asks for, then installs the session into the chosen engines
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import socket
 from collections.abc import Iterable, Sequence
@@ -199,8 +200,8 @@ class _Context:
             attach_ulp(sock)
             ulp = True
         conn = SSL.Connection(ssl_context, None)
-        if server_hostname is not None and self._role is Role.CLIENT:
-            conn.set_tlsext_host_name(server_hostname.encode("idna"))
+        if server_hostname and self._role is Role.CLIENT and not _is_ip_address(server_hostname):
+            conn.set_tlsext_host_name(server_hostname.encode("idna"))  # RFC 6066: no IPs
         if session is not None:
             conn.set_session(session)
         driver = HandshakeDriver(
@@ -235,6 +236,14 @@ class _Context:
             _abort(sock, session)
             raise
         return TLSSocket(sock, conn, session, tx, rx)
+
+
+def _is_ip_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def _abort(sock: socket.socket, session: Session) -> None:
