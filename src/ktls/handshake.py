@@ -15,6 +15,7 @@ When the handshake completes the result is one frozen :class:`~ktls.session.Sess
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 from typing import Any
 
@@ -34,7 +35,14 @@ from .keyschedule import (
     tls13_traffic_key_iv,
 )
 from .protection import Sealer
-from .records import HEADER_LEN, RecordBuffer, encode_alert, parse_alert, parse_header
+from .records import (
+    HEADER_LEN,
+    RecordBuffer,
+    encode_alert,
+    encode_header,
+    parse_alert,
+    parse_header,
+)
 from .session import Role, Session, TrafficKeys
 from .suites import Suite, suite_by_name
 from .wire import AlertDescription, ContentType, ProtocolVersion
@@ -145,12 +153,10 @@ class HandshakeDriver:
         elif self._peer_ccs:
             self._rx_after_ccs += 1
         if header.content_type == ContentType.ALERT and len(body) == 2 and not self._peer_ccs:
-            self._peer_alert = parse_alert(body).known  # a plaintext alert we can read
+            with contextlib.suppress(ProtocolViolation):  # OpenSSL will judge it too
+                self._peer_alert = parse_alert(body).known  # a plaintext alert we can read
         self._conn.bio_write(
-            bytes((header.content_type,))
-            + header.legacy_version.to_bytes(2, "big")
-            + header.length.to_bytes(2, "big")
-            + body
+            encode_header(header.content_type, header.length, header.legacy_version) + body
         )
         self._step()
 
