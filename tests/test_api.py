@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import socket
 import ssl
 from pathlib import Path
@@ -336,3 +337,28 @@ def test_verification_is_on_by_default(certs: Certs) -> None:
         ktls.ClientContext().connect(listener.getsockname(), server_hostname="localhost")
     peer.join()  # type: ignore[attr-defined]
     listener.close()
+
+
+def test_optional_client_certificate(certs: Certs, engine: str) -> None:
+    server = ktls.ServerContext(
+        certs.server_rsa,
+        verify_client="optional",
+        client_cafile=certs.ca,
+        offload=engine,  # type: ignore[arg-type]
+    )
+    with server.listen(("127.0.0.1", 0)) as listener:
+        for certfile in (None, certs.client):
+            client = ktls.ClientContext(
+                cafile=certs.ca,
+                certfile=certfile,
+                offload=engine,  # type: ignore[arg-type]
+            )
+            connect = functools.partial(
+                client.connect, listener.getsockname(), server_hostname="localhost"
+            )
+            peer = run_in_thread(connect)
+            tls, _ = listener.accept()
+            assert_engine(tls, engine)
+            assert (tls.peer_certificate is None) is (certfile is None)
+            peer.join().close()
+            tls.close()

@@ -160,3 +160,43 @@ def test_peer_closes_during_handshake(certs: Certs, engine: str) -> None:
         client.connect(listener.getsockname(), server_hostname="localhost")
     peer.join()
     listener.close()
+
+
+LEGAL_ODDITIES = {
+    # RFC 8446 5.4: zero-length application data is legal and carries nothing
+    "zero-length-data": lambda k: seal13(k, b"\x17"),
+    # RFC 8446 5.4: any amount of zero padding after the content type
+    "padded-record": lambda k: seal13(k, b"pad\x17" + bytes(200)),
+    # RFC 8446 6.1: user_canceled is not fatal (close_notify should follow)
+    "user-canceled": lambda k: seal13(k, b"\x01\x5a\x15"),
+}
+
+
+@pytest.mark.parametrize("case", list(LEGAL_ODDITIES), ids=list(LEGAL_ODDITIES))
+def test_odd_but_legal_records_are_accepted(certs: Certs, engine: str, case: str) -> None:
+    server = ktls.ServerContext(
+        certs.server_rsa, ciphers=["TLS_AES_128_GCM_SHA256"], offload="software"
+    )
+    with server.listen(("127.0.0.1", 0)) as listener:
+
+        def odd_then_data() -> bytes:
+            tls, _ = listener.accept()
+            with tls:
+                keys = tls.tls_session.tx
+                tls.socket.sendall(LEGAL_ODDITIES[case](keys))
+                follow = TrafficKeys(key=keys.key, iv=keys.iv, seq=keys.seq + 1)
+                tls.socket.sendall(seal13(follow, b"after\x17"))
+                return tls.recv(100)
+
+        peer = run_in_thread(odd_then_data)
+        client = ktls.ClientContext(cafile=certs.ca, offload=engine)  # type: ignore[arg-type]
+        tls = client.connect(listener.getsockname(), server_hostname="localhost")
+        assert_engine(tls, engine)
+        expected = b"padafter" if case == "padded-record" else b"after"
+        received = b""
+        while len(received) < len(expected):
+            received += tls.recv(100)
+        assert received == expected
+        tls.sendall(b"fine")
+        tls.close()
+        assert peer.join() == b"fine"
