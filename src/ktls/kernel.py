@@ -20,6 +20,7 @@ import functools
 import os
 import socket
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import BinaryIO
 
 from . import linux
@@ -68,13 +69,28 @@ _RX_ERRORS: dict[int, tuple[str, AlertDescription]] = {
 }
 
 
+def _why_no_tls_module() -> str:
+    """Tell "built, not loaded" from "not there at all" for ENOENT on TCP_ULP."""
+    release = os.uname().release
+    modules = Path("/lib/modules") / release / "kernel" / "net" / "tls"
+    if any(modules.glob("tls.ko*")):
+        return (
+            f"the kernel has no 'tls' module loaded, and did not load {modules}/tls.ko on "
+            "demand: run `modprobe tls` as root"
+        )
+    return (
+        "the kernel has no 'tls' module loaded and none is installed for Linux "
+        f"{release} (CONFIG_TLS off?): modprobe tls cannot help"
+    )
+
+
 def attach_ulp(sock: socket.socket) -> None:
     """Attach the ``tls`` upper-layer protocol; raise ULPUnavailable with the reason."""
     try:
         sock.setsockopt(socket.SOL_TCP, linux.TCP_ULP, b"tls")
     except OSError as exc:
         if exc.errno == errno.ENOENT:
-            reason = "the kernel has no 'tls' module loaded (modprobe tls) or no CONFIG_TLS"
+            reason = _why_no_tls_module()
         elif exc.errno == errno.ENOTCONN:
             reason = "the socket is not connected"
         elif exc.errno == errno.EEXIST:
