@@ -7,6 +7,7 @@ our records the way any server or client on the Internet would.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import re
 import socket
 import ssl
@@ -105,6 +106,17 @@ def echo_until_close(conn: ssl.SSLSocket) -> int:
     conn.unwrap()
     conn.close()
     return total
+
+
+def hash_until_close(conn: ssl.SSLSocket) -> tuple[str, int]:
+    """SHA-256 and size of everything received until the client's close_notify."""
+    digest = hashlib.sha256()
+    total = 0
+    while data := conn.recv(1 << 16):
+        digest.update(data)
+        total += len(data)
+    conn.unwrap()
+    return digest.hexdigest(), total
 
 
 @contextlib.contextmanager

@@ -37,7 +37,14 @@ from ktls.cli import (
 )
 from ktls.suites import SUITES
 
-from .peers import Certs, ThreadPeer, echo_until_close, python_ssl_context, python_ssl_server
+from .peers import (
+    Certs,
+    ThreadPeer,
+    echo_until_close,
+    hash_until_close,
+    python_ssl_context,
+    python_ssl_server,
+)
 
 TIMEOUT = 60  # seconds for any one command: a bug must fail, not hang
 STATUS_LINE = re.compile(
@@ -250,15 +257,6 @@ def test_connect_sendfile(certs: Certs, engine: str, tmp_path: Path) -> None:
     path = tmp_path / "random.bin"
     path.write_bytes(os.urandom(3 * 1024 * 1024))
     expected = hashlib.sha256(path.read_bytes()).hexdigest()
-
-    def hash_until_close(conn: ssl.SSLSocket) -> tuple[str, int]:
-        digest = hashlib.sha256()
-        total = 0
-        while data := conn.recv(1 << 16):
-            digest.update(data)
-            total += len(data)
-        conn.unwrap()
-        return digest.hexdigest(), total
 
     server_ctx = python_ssl_context(certs, server=True)
     with python_ssl_server(server_ctx, hash_until_close) as (address, peer):

@@ -23,6 +23,7 @@ from .peers import (
     Certs,
     TamperingRelay,
     echo_until_close,
+    hash_until_close,
     openssl_client,
     openssl_server,
     python_ssl_context,
@@ -260,15 +261,6 @@ def test_sendfile_large_file(certs: Certs, engine: str, version: str, tmp_path: 
     path = tmp_path / "big"
     path.write_bytes(os.urandom(size))
     expected = hashlib.sha256(path.read_bytes()).hexdigest()
-
-    def hash_until_close(conn: ssl.SSLSocket) -> tuple[str, int]:
-        digest = hashlib.sha256()
-        total = 0
-        while data := conn.recv(1 << 16):
-            digest.update(data)
-            total += len(data)
-        conn.unwrap()
-        return digest.hexdigest(), total
 
     server_ctx = python_ssl_context(certs, server=True, version=version)
     with python_ssl_server(server_ctx, hash_until_close) as (address, thread):

@@ -25,6 +25,11 @@ _SEND_MAX = 16 * MAX_PLAINTEXT
 class _SoftwareDirection:
     name = "software"
 
+    def __init__(self, sock: socket.socket, version: ProtocolVersion, cipher: Cipher) -> None:
+        self._sock = sock
+        self._version = version
+        self._cipher = cipher
+
     def crypto_info(self) -> None:
         return None  # nothing in the kernel
 
@@ -33,9 +38,7 @@ class SoftwareTx(_SoftwareDirection):
     def __init__(
         self, sock: socket.socket, version: ProtocolVersion, cipher: Cipher, keys: TrafficKeys
     ) -> None:
-        self._sock = sock
-        self._version = version
-        self._cipher = cipher
+        super().__init__(sock, version, cipher)
         self._sealer = Sealer(version, cipher, keys.key, keys.iv, keys.seq, keys.explicit_nonce)
 
     def _seal_all(self, content_type: ContentType, data: memoryview) -> bytes:
@@ -77,9 +80,7 @@ class SoftwareRx(_SoftwareDirection):
     def __init__(
         self, sock: socket.socket, version: ProtocolVersion, cipher: Cipher, keys: TrafficKeys
     ) -> None:
-        self._sock = sock
-        self._version = version
-        self._cipher = cipher
+        super().__init__(sock, version, cipher)
         self._opener = Opener(version, cipher, keys.key, keys.iv, keys.seq)
         self._records = RecordBuffer(
             max_length=max_ciphertext(version), versions=PROTECTED_VERSIONS
