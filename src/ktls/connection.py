@@ -246,6 +246,13 @@ class TLSSocket:
                 self._handle_control(content_type, data)
         return b""
 
+    def pending(self) -> int:
+        """Bytes (or, on the software engine, a whole record) that ``recv`` can return
+        without waiting: check this before waiting on the fd with select()."""
+        if self._unread:
+            return len(self._unread)
+        return 1 if self._rx.buffered() else 0
+
     def recv_into(self, buffer: Buffer, nbytes: int = 0, flags: int = 0) -> int:
         view = memoryview(buffer).cast("B")
         data = self.recv(nbytes or len(view), flags)

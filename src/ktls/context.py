@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import logging
 import os
 import socket
 from collections.abc import Iterable, Sequence
@@ -32,6 +33,8 @@ from .suites import SUITES, Suite, suite_by_name
 from .wire import AlertDescription, ContentType, ProtocolVersion
 
 __all__ = ["ClientContext", "Offload", "ServerContext", "TLSListener"]
+
+log = logging.getLogger("ktls")
 
 Offload = Literal["auto", "kernel", "software"]
 _OFFLOADS = ("auto", "kernel", "software")
@@ -194,6 +197,8 @@ class _Context:
     ) -> TLSSocket:
         ssl_context = self._ssl_context()
         ulp = False
+        if self.offload != "software" and ulp_error() is not None:
+            log.info("software engine: %s", ulp_error())
         if self.offload != "software" and ulp_error() is None:
             # Attached before the handshake: with no keys set, the socket still behaves
             # like plain TCP, and a kernel that can't is found out before any TLS.
@@ -219,15 +224,17 @@ class _Context:
             if ulp:
                 try:
                     tx: KernelTx | SoftwareTx = KernelTx(sock, version, cipher, session.tx)
-                except KernelUnsupported:
+                except KernelUnsupported as exc:
                     if self.offload == "kernel":
                         raise
+                    log.info("TX on the software engine: %s", exc)
                     tx = SoftwareTx(sock, version, cipher, session.tx)
                 try:
                     rx: KernelRx | SoftwareRx = KernelRx(sock, version, cipher, session.rx)
-                except KernelUnsupported:
+                except KernelUnsupported as exc:
                     if self.offload == "kernel":
                         raise
+                    log.info("RX on the software engine: %s", exc)
                     rx = SoftwareRx(sock, version, cipher, session.rx)
             else:
                 tx = SoftwareTx(sock, version, cipher, session.tx)

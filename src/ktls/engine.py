@@ -47,5 +47,9 @@ class RxEngine(Protocol):
     def rekey(self, keys: TrafficKeys) -> None:
         """Open all following records with new keys (TLS 1.3 KeyUpdate)."""
 
+    def buffered(self) -> bool:
+        """Whether a whole record waits in user space (so select() on the fd would not
+        show it)."""
+
     def crypto_info(self) -> CryptoInfo | None:
         """The kernel's live state for this direction (None on the software engine)."""

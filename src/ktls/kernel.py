@@ -192,6 +192,9 @@ class KernelRx(_KernelDirection):
         super().__init__(sock, version, cipher, keys)
         self._buffer = bytearray(MAX_PLAINTEXT + 1)
 
+    def buffered(self) -> bool:
+        return False  # records wait in the kernel, where select() sees them
+
     def recv_record(self, bufsize: int) -> tuple[ContentType, bytes] | None:
         # The buffer always has room for a whole record so that a control record is
         # never split across reads.

@@ -96,5 +96,8 @@ class SoftwareRx(_SoftwareDirection):
                 return None
             self._records.feed(data)
 
+    def buffered(self) -> bool:
+        return self._records.pending() > 0 and self._records.needed() == 0
+
     def rekey(self, keys: TrafficKeys) -> None:
         self._opener = Opener(self._version, self._cipher, keys.key, keys.iv, keys.seq)
