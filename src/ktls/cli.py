@@ -126,10 +126,8 @@ def _parse_address(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _pump_to_stdout(tls: object, done: threading.Event, result: list[BaseException]) -> None:
-    from .connection import TLSSocket  # noqa: PLC0415
-
-    assert isinstance(tls, TLSSocket)
+def _pump_to_stdout(tls: TLSSocket, done: threading.Event, result: list[BaseException]) -> None:
+    """Copy the server's data to stdout until it ends; keep any failure for main."""
     out = sys.stdout.buffer
     try:
         while data := tls.recv(1 << 16):
