@@ -7,34 +7,38 @@ the bytes the driver asks for, then installs the session into the chosen engines
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
 import os
 import socket
-from collections.abc import Iterable, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Literal, TypeVar
 
 from OpenSSL import SSL
 
 from .connection import TLSSocket
+from .engine import RxEngine, TxEngine
 from .errors import (
     ConfigError,
     HandshakeError,
     KernelUnsupported,
     ULPUnavailable,
 )
-from .handshake import HandshakeDriver, keylog_callback
+from .handshake import HandshakeDriver, is_ip_address, keylog_callback
 from .kernel import KernelRx, KernelTx, attach_ulp, kernel_accepts, ulp_error
 from .protection import Sealer, software_supports
 from .records import encode_alert
-from .session import Role, Session
+from .session import Role, Session, TrafficKeys
 from .software import SoftwareRx, SoftwareTx
-from .suites import SUITES, Suite, suite_by_name
+from .suites import SUITES, Cipher, Suite, suite_by_name
 from .wire import AlertDescription, ContentType, ProtocolVersion
 
 __all__ = ["ClientContext", "Offload", "ServerContext", "TLSListener"]
 
 log = logging.getLogger("ktls")
+
+_E = TypeVar("_E")
+# Both engines of a direction are built the same way: (sock, version, cipher, keys).
+_Factory = Callable[[socket.socket, ProtocolVersion, Cipher, TrafficKeys], _E]
 
 Offload = Literal["auto", "kernel", "software"]
 _OFFLOADS = ("auto", "kernel", "software")
@@ -197,15 +201,16 @@ class _Context:
     ) -> TLSSocket:
         ssl_context = self._ssl_context()
         ulp = False
-        if self.offload != "software" and ulp_error() is not None:
-            log.info("software engine: %s", ulp_error())
-        if self.offload != "software" and ulp_error() is None:
-            # Attached before the handshake: with no keys set, the socket still behaves
-            # like plain TCP, and a kernel that can't is found out before any TLS.
-            attach_ulp(sock)
-            ulp = True
+        if self.offload != "software":
+            if ulp_error() is None:
+                # Attached before the handshake: with no keys set, the socket still
+                # behaves like plain TCP, and a kernel that can't is found out early.
+                attach_ulp(sock)
+                ulp = True
+            else:
+                log.info("software engine: %s", ulp_error())
         conn = SSL.Connection(ssl_context, None)
-        if server_hostname and self._role is Role.CLIENT and not _is_ip_address(server_hostname):
+        if server_hostname and self._role is Role.CLIENT and not is_ip_address(server_hostname):
             conn.set_tlsext_host_name(server_hostname.encode("idna"))  # RFC 6066: no IPs
         if session is not None:
             conn.set_session(session)
@@ -220,45 +225,31 @@ class _Context:
         self, sock: socket.socket, conn: SSL.Connection, session: Session, ulp: bool
     ) -> TLSSocket:
         version, cipher = session.version, session.suite.cipher
-        try:
+
+        def engine(
+            kernel: _Factory[_E], software: _Factory[_E], keys: TrafficKeys, what: str
+        ) -> _E:
             if ulp:
                 try:
-                    tx: KernelTx | SoftwareTx = KernelTx(sock, version, cipher, session.tx)
+                    return kernel(sock, version, cipher, keys)
                 except KernelUnsupported as exc:
                     if self.offload == "kernel":
                         raise
-                    log.info("TX on the software engine: %s", exc)
-                    tx = SoftwareTx(sock, version, cipher, session.tx)
-                try:
-                    rx: KernelRx | SoftwareRx = KernelRx(sock, version, cipher, session.rx)
-                except KernelUnsupported as exc:
-                    if self.offload == "kernel":
-                        raise
-                    log.info("RX on the software engine: %s", exc)
-                    rx = SoftwareRx(sock, version, cipher, session.rx)
-            else:
-                tx = SoftwareTx(sock, version, cipher, session.tx)
-                rx = SoftwareRx(sock, version, cipher, session.rx)
+                    log.info("%s on the software engine: %s", what, exc)
+            return software(sock, version, cipher, keys)
+
+        try:
+            tx: TxEngine = engine(KernelTx, SoftwareTx, session.tx, "TX")
+            rx: RxEngine = engine(KernelRx, SoftwareRx, session.rx, "RX")
         except KernelUnsupported:
             _abort(sock, session)
             raise
         return TLSSocket(sock, conn, session, tx, rx)
 
 
-def _is_ip_address(name: str) -> bool:
-    try:
-        ipaddress.ip_address(name)
-    except ValueError:
-        return False
-    return True
-
-
 def _abort(sock: socket.socket, session: Session) -> None:
     """Tell the peer we give up (internal_error), sealed in software, and close."""
-    keys = session.tx
-    sealer = Sealer(
-        session.version, session.suite.cipher, keys.key, keys.iv, keys.seq, keys.explicit_nonce
-    )
+    sealer = Sealer.from_keys(session.version, session.suite.cipher, session.tx)
     with contextlib.suppress(OSError):
         sock.sendall(sealer.seal(ContentType.ALERT, encode_alert(AlertDescription.INTERNAL_ERROR)))
     sock.close()

@@ -356,14 +356,7 @@ class HandshakeDriver:
         except VerificationError as exc:
             # The handshake is complete, so the alert goes out under the new keys.
             session = self.session
-            sealer = Sealer(
-                session.version,
-                session.suite.cipher,
-                session.tx.key,
-                session.tx.iv,
-                session.tx.seq,
-                session.tx.explicit_nonce,
-            )
+            sealer = Sealer.from_keys(session.version, session.suite.cipher, session.tx)
             self._out += sealer.seal(
                 ContentType.ALERT, encode_alert(AlertDescription.BAD_CERTIFICATE)
             )
@@ -374,13 +367,19 @@ class HandshakeDriver:
             ) from exc
 
 
-def _verify_name(cert: x509.Certificate, name: str) -> None:
+def is_ip_address(name: str) -> bool:
     try:
         ipaddress.ip_address(name)
     except ValueError:
-        verify_certificate_hostname(cert, name)
-    else:
+        return False
+    return True
+
+
+def _verify_name(cert: x509.Certificate, name: str) -> None:
+    if is_ip_address(name):
         verify_certificate_ip_address(cert, name)
+    else:
+        verify_certificate_hostname(cert, name)
 
 
 def session_reused(conn: SSL.Connection) -> bool:

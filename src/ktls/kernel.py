@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from . import linux
+from .engine import RxEngine, TxEngine
 from .errors import (
     CipherUnsupported,
     KernelUnsupported,
@@ -156,7 +157,7 @@ class _KernelDirection:
         return read_crypto_info(self._sock, self._direction, self._cipher)
 
 
-class KernelTx(_KernelDirection):
+class KernelTx(_KernelDirection, TxEngine):
     _direction = linux.TLS_TX
 
     def send(self, data: memoryview) -> int:
@@ -183,7 +184,7 @@ class KernelTx(_KernelDirection):
         return self._sock.sendfile(file, offset, count)
 
 
-class KernelRx(_KernelDirection):
+class KernelRx(_KernelDirection, RxEngine):
     _direction = linux.TLS_RX
 
     def __init__(
@@ -249,12 +250,6 @@ class KernelCapabilities:
     zerocopy_sendfile: bool = False
     rx_expect_no_pad: bool = False
     release: str = ""
-
-    def accepts(self, cipher: Cipher, version: ProtocolVersion) -> bool:
-        return all(
-            self.ciphers.get((cipher.name, version.label, d), "untested") is None
-            for d in ("tx", "rx")
-        )
 
 
 def _loopback_pair() -> tuple[socket.socket, socket.socket]:

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESCCM, AESGCM, ChaCha20
 
 from .errors import CipherUnsupported, ProtocolViolation
 from .records import MAX_PLAINTEXT, RecordHeader, encode_header
+from .session import TrafficKeys
 from .suites import Cipher
 from .wire import AlertDescription, ContentType, ProtocolVersion
 
@@ -99,6 +100,11 @@ class Sealer(_Direction):
         # repeat under one key; continue from where OpenSSL stopped (or from seq).
         self.explicit_nonce = seq if explicit_nonce is None else explicit_nonce
 
+    @classmethod
+    def from_keys(cls, version: ProtocolVersion, cipher: Cipher, keys: TrafficKeys) -> Sealer:
+        """A sealer that continues exactly where ``keys`` (a hand-off value) stand."""
+        return cls(version, cipher, keys.key, keys.iv, keys.seq, keys.explicit_nonce)
+
     def seal(self, content_type: ContentType, plaintext: bytes) -> bytes:
         if len(plaintext) > MAX_PLAINTEXT:
             raise ValueError(f"record plaintext over {MAX_PLAINTEXT} bytes")
@@ -122,6 +128,10 @@ class Sealer(_Direction):
 
 class Opener(_Direction):
     """Authenticates and decrypts incoming records for one direction."""
+
+    @classmethod
+    def from_keys(cls, version: ProtocolVersion, cipher: Cipher, keys: TrafficKeys) -> Opener:
+        return cls(version, cipher, keys.key, keys.iv, keys.seq)
 
     def open(self, header: RecordHeader, body: bytes) -> tuple[ContentType, bytes]:
         """Return (inner content type, plaintext) of one record, or raise.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import socket
 from typing import BinaryIO
 
+from .engine import RxEngine, TxEngine
 from .protection import Opener, Sealer
 from .records import MAX_PLAINTEXT, PROTECTED_VERSIONS, RecordBuffer, max_ciphertext
 from .session import TrafficKeys
@@ -34,12 +35,12 @@ class _SoftwareDirection:
         return None  # nothing in the kernel
 
 
-class SoftwareTx(_SoftwareDirection):
+class SoftwareTx(_SoftwareDirection, TxEngine):
     def __init__(
         self, sock: socket.socket, version: ProtocolVersion, cipher: Cipher, keys: TrafficKeys
     ) -> None:
         super().__init__(sock, version, cipher)
-        self._sealer = Sealer(version, cipher, keys.key, keys.iv, keys.seq, keys.explicit_nonce)
+        self._sealer = Sealer.from_keys(version, cipher, keys)
 
     def _seal_all(self, content_type: ContentType, data: memoryview) -> bytes:
         return b"".join(
@@ -73,15 +74,15 @@ class SoftwareTx(_SoftwareDirection):
         return sent
 
     def rekey(self, keys: TrafficKeys) -> None:
-        self._sealer = Sealer(self._version, self._cipher, keys.key, keys.iv, keys.seq)
+        self._sealer = Sealer.from_keys(self._version, self._cipher, keys)
 
 
-class SoftwareRx(_SoftwareDirection):
+class SoftwareRx(_SoftwareDirection, RxEngine):
     def __init__(
         self, sock: socket.socket, version: ProtocolVersion, cipher: Cipher, keys: TrafficKeys
     ) -> None:
         super().__init__(sock, version, cipher)
-        self._opener = Opener(version, cipher, keys.key, keys.iv, keys.seq)
+        self._opener = Opener.from_keys(version, cipher, keys)
         self._records = RecordBuffer(
             max_length=max_ciphertext(version), versions=PROTECTED_VERSIONS
         )
@@ -100,4 +101,4 @@ class SoftwareRx(_SoftwareDirection):
         return self._records.pending() > 0 and self._records.needed() == 0
 
     def rekey(self, keys: TrafficKeys) -> None:
-        self._opener = Opener(self._version, self._cipher, keys.key, keys.iv, keys.seq)
+        self._opener = Opener.from_keys(self._version, self._cipher, keys)
