@@ -19,7 +19,8 @@ PUBLIC = {
     "AlertDescription", "AlertReceived", "BrokenError", "CIPHERS", "Cipher", "CipherUnsupported",
     "ClientContext", "ClosedError", "ConfigError", "HandshakeError", "KTLSError",
     "KernelCapabilities", "KernelUnsupported", "ProtocolVersion", "ProtocolViolation",
-    "RekeyUnsupported", "SUITES", "ServerContext", "Session", "Suite", "TLSListener",
+    "RekeyUnsupported", "SUITES", "ServerContext", "Session", "SoftwareUnsupported", "Suite",
+    "TLSListener",
     "TLSSocket", "TrafficKeys", "TruncatedStream", "ULPUnavailable", "__version__",
     "capabilities",
 }  # fmt: skip
@@ -327,6 +328,8 @@ def test_makefile_and_closed_errors(certs: Certs, engine: str) -> None:
         with pytest.raises(ktls.ClosedError, match="close_notify was sent"):
             tls.send(b"late")
         assert tls.recv(10) == b""
+        writer.close()
+        reader.close()
         tls.close()
         with pytest.raises(ktls.ClosedError):
             tls.recv(10)

@@ -6,7 +6,6 @@ kernel's TLS ULP when it can, and in an equivalent software engine when it can't
 
 from __future__ import annotations
 
-from .connection import TLSSocket
 from .context import ClientContext, ServerContext, TLSListener
 from .errors import (
     AlertReceived,
@@ -19,12 +18,14 @@ from .errors import (
     KTLSError,
     ProtocolViolation,
     RekeyUnsupported,
+    SoftwareUnsupported,
     TruncatedStream,
     ULPUnavailable,
 )
 from .kernel import KernelCapabilities, capabilities
 from .session import Session, TrafficKeys
 from .suites import CIPHERS, SUITES, Cipher, Suite
+from .tlssocket import TLSSocket
 from .wire import AlertDescription, ProtocolVersion
 
 __version__ = "0.1.0"
@@ -49,6 +50,7 @@ __all__ = [
     "RekeyUnsupported",
     "ServerContext",
     "Session",
+    "SoftwareUnsupported",
     "Suite",
     "TLSListener",
     "TLSSocket",

@@ -26,13 +26,14 @@ from .errors import (
     KernelUnsupported,
     KTLSError,
     ProtocolViolation,
+    SoftwareUnsupported,
 )
 from .kernel import KernelCapabilities, capabilities, read_tls_stat
 from .suites import CIPHERS
 from .wire import ProtocolVersion
 
 if TYPE_CHECKING:
-    from .connection import TLSSocket
+    from .tlssocket import TLSSocket
 
 __all__ = ["main"]
 
@@ -180,6 +181,9 @@ def cmd_connect(args: argparse.Namespace) -> int:
     except KernelUnsupported as exc:
         print(f"ktls: {exc}", file=sys.stderr)
         return EXIT_KERNEL
+    except SoftwareUnsupported as exc:  # neither engine can carry the cipher
+        print(f"ktls: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     except OSError as exc:
         print(
             f"ktls: cannot connect to {args.address[0]}:{args.address[1]}: {exc}", file=sys.stderr
@@ -188,7 +192,8 @@ def cmd_connect(args: argparse.Namespace) -> int:
     tls.settimeout(None)
     alpn = tls.selected_alpn_protocol()
     print(
-        f"ktls: connected {tls.version()} {tls.cipher()[0]} tx={tls.tx_engine} "
+        f"ktls: connected {tls.version()} {tls.tls_session.suite.openssl_name} "
+        f"tx={tls.tx_engine} "
         f"rx={tls.rx_engine}"
         + (f" alpn={alpn}" if alpn else "")
         + (" resumed" if tls.session_reused else ""),

@@ -1,52 +1,42 @@
-"""Contexts: TLS settings in, connected :class:`~ktls.connection.TLSSocket` out.
+"""Contexts: TLS settings in, :class:`~ktls.tlssocket.TLSSocket` out.
 
-This is the blocking I/O edge around the sans-IO handshake driver: it reads exactly
-the bytes the driver asks for, then installs the session into the chosen engines.
+A context is shared by every connection (and thread) that uses it: its OpenSSL
+context is configured once, on first use, under a lock (OpenSSL contexts must not
+change once a connection uses them), because the suites it offers depend on what the
+kernel accepts, probed at that time.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
 import socket
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Literal, TypeVar
+import threading
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
 
 from OpenSSL import SSL
 
-from .connection import TLSSocket
-from .engine import RxEngine, TxEngine
-from .errors import (
-    ConfigError,
-    HandshakeError,
-    KernelUnsupported,
-    ULPUnavailable,
-)
-from .handshake import HandshakeDriver, is_ip_address, keylog_callback
-from .kernel import KernelRx, KernelTx, attach_ulp, kernel_accepts, ulp_error
-from .protection import Sealer, software_supports
-from .records import encode_alert
-from .session import Role, Session, TrafficKeys
-from .software import SoftwareRx, SoftwareTx
-from .suites import SUITES, Cipher, Suite, suite_by_name
-from .wire import AlertDescription, ContentType, ProtocolVersion
+from . import handoff
+from .errors import ConfigError, ULPUnavailable
+from .handoff import Offload
+from .handshake import keylog_callback
+from .kernel import kernel_accepts, ulp_error
+from .protection import software_supports
+from .session import Role
+from .suites import SUITES, Suite, suite_by_name
+from .tlssocket import TLSSocket
+from .wire import ProtocolVersion
 
 __all__ = ["ClientContext", "Offload", "ServerContext", "TLSListener"]
 
-log = logging.getLogger("ktls")
-
-_E = TypeVar("_E")
-# Both engines of a direction are built the same way: (sock, version, cipher, keys).
-_Factory = Callable[[socket.socket, ProtocolVersion, Cipher, TrafficKeys], _E]
-
-Offload = Literal["auto", "kernel", "software"]
 _OFFLOADS = ("auto", "kernel", "software")
 _VERSION_NAMES = {"TLSv1.2": ProtocolVersion.TLS1_2, "TLSv1.3": ProtocolVersion.TLS1_3}
 _OPENSSL_VERSIONS = {
     ProtocolVersion.TLS1_2: SSL.TLS1_2_VERSION,
     ProtocolVersion.TLS1_3: SSL.TLS1_3_VERSION,
 }
+#: Seconds a handshake may take unless the context says otherwise (asyncio's default).
+DEFAULT_HANDSHAKE_TIMEOUT = 60.0
 # Offered unless the caller names suites: what every kernel since 5.11 and the software
 # engine can carry.  CCM, ARIA and SM4 are offloadable too, on request.
 DEFAULT_CIPHERS = (
@@ -109,10 +99,14 @@ class _Context:
         maximum_version: str | ProtocolVersion,
         alpn_protocols: Sequence[str] | None,
         offload: Offload,
+        handshake_timeout: float | None,
     ) -> None:
         if offload not in _OFFLOADS:
             raise ConfigError(f"offload must be one of {_OFFLOADS}, not {offload!r}")
+        if handshake_timeout is not None and handshake_timeout <= 0:
+            raise ConfigError("handshake_timeout must be positive (or None: no limit)")
         self.offload: Offload = offload
+        self.handshake_timeout = handshake_timeout
         self.minimum_version = _parse_version(minimum_version)
         self.maximum_version = _parse_version(maximum_version)
         if self.minimum_version > self.maximum_version:
@@ -122,7 +116,8 @@ class _Context:
         self._ssl = SSL.Context(SSL.TLS_METHOD)
         self._ssl.set_keylog_callback(keylog_callback)
         self._ssl.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
-        self._configured_for: tuple[Suite, ...] | None = None
+        self._configure_lock = threading.Lock()
+        self._configured = False
 
     # The offered suites depend on the kernel (found on first use, not at import).
     def _offered(self) -> tuple[Suite, ...]:
@@ -151,9 +146,16 @@ class _Context:
         return suites
 
     def _ssl_context(self) -> SSL.Context:
-        suites = self._offered()
-        if suites == self._configured_for:
+        """The OpenSSL context, configured exactly once (thread-safe)."""
+        if self._configured:
             return self._ssl
+        with self._configure_lock:
+            if not self._configured:
+                self._configure(self._offered())
+                self._configured = True
+        return self._ssl
+
+    def _configure(self, suites: tuple[Suite, ...]) -> None:
         versions = sorted({s.version for s in suites})
         self._ssl.set_min_proto_version(_OPENSSL_VERSIONS[versions[0]])
         self._ssl.set_max_proto_version(_OPENSSL_VERSIONS[versions[-1]])
@@ -165,118 +167,43 @@ class _Context:
             self._ssl.set_tls13_ciphersuites(":".join(tls13).encode())
         except SSL.Error as exc:
             raise ConfigError(f"OpenSSL refused the cipher list: {exc}") from exc
-        self._configured_for = suites
-        return self._ssl
 
-    def _establish(
+    def _wrap(
         self,
         sock: socket.socket,
         *,
+        do_handshake_on_connect: bool,
         server_hostname: str | None = None,
         check_hostname: bool = False,
         session: SSL.Session | None = None,
+        handshake_timeout: float | None = None,
     ) -> TLSSocket:
-        """Run the handshake on a connected socket and install the engines.
+        """A TLSSocket on a connected socket, handshaken now or on first use.
 
-        The socket is ours from here on: it is closed if anything fails.
+        The socket is ours from here on: it is closed if anything fails here.
         """
         try:
-            return self._handshake_and_install(
+            pending = handoff.prepare(
                 sock,
+                self._ssl_context(),
+                self._role,
+                self.offload,
                 server_hostname=server_hostname,
                 check_hostname=check_hostname,
                 session=session,
             )
+            tls = TLSSocket(
+                pending,
+                handshake_timeout=handshake_timeout
+                if handshake_timeout is not None
+                else self.handshake_timeout,
+            )
+            if do_handshake_on_connect:
+                tls.do_handshake()
         except BaseException:
             sock.close()
             raise
-
-    def _handshake_and_install(
-        self,
-        sock: socket.socket,
-        *,
-        server_hostname: str | None,
-        check_hostname: bool,
-        session: SSL.Session | None,
-    ) -> TLSSocket:
-        ssl_context = self._ssl_context()
-        ulp = False
-        if self.offload != "software":
-            if ulp_error() is None:
-                # Attached before the handshake: with no keys set, the socket still
-                # behaves like plain TCP, and a kernel that can't is found out early.
-                attach_ulp(sock)
-                ulp = True
-            else:
-                log.info("software engine: %s", ulp_error())
-        conn = SSL.Connection(ssl_context, None)
-        if server_hostname and self._role is Role.CLIENT and not is_ip_address(server_hostname):
-            conn.set_tlsext_host_name(server_hostname.encode("idna"))  # RFC 6066: no IPs
-        if session is not None:
-            conn.set_session(session)
-        driver = HandshakeDriver(
-            conn, self._role, server_hostname=server_hostname, check_hostname=check_hostname
-        )
-        conn.set_verify(ssl_context.get_verify_mode(), driver.verify_callback)
-        _run_handshake(sock, driver)
-        return self._install(sock, conn, driver.session, ulp)
-
-    def _install(
-        self, sock: socket.socket, conn: SSL.Connection, session: Session, ulp: bool
-    ) -> TLSSocket:
-        version, cipher = session.version, session.suite.cipher
-
-        def engine(
-            kernel: _Factory[_E], software: _Factory[_E], keys: TrafficKeys, what: str
-        ) -> _E:
-            if ulp:
-                try:
-                    return kernel(sock, version, cipher, keys)
-                except KernelUnsupported as exc:
-                    if self.offload == "kernel":
-                        raise
-                    log.info("%s on the software engine: %s", what, exc)
-            return software(sock, version, cipher, keys)
-
-        try:
-            tx: TxEngine = engine(KernelTx, SoftwareTx, session.tx, "TX")
-            rx: RxEngine = engine(KernelRx, SoftwareRx, session.rx, "RX")
-        except KernelUnsupported:
-            _abort(sock, session)
-            raise
-        return TLSSocket(sock, conn, session, tx, rx)
-
-
-def _abort(sock: socket.socket, session: Session) -> None:
-    """Tell the peer we give up (internal_error), sealed in software, and close."""
-    sealer = Sealer.from_keys(session.version, session.suite.cipher, session.tx)
-    with contextlib.suppress(OSError):
-        sock.sendall(sealer.seal(ContentType.ALERT, encode_alert(AlertDescription.INTERNAL_ERROR)))
-    sock.close()
-
-
-def _run_handshake(sock: socket.socket, driver: HandshakeDriver) -> None:
-    """The blocking pump: read what the driver wants, send what it gives."""
-    try:
-        sock.sendall(driver.data_to_send())
-        while not driver.done:
-            data = sock.recv(driver.bytes_wanted())
-            if not data:
-                raise HandshakeError("the peer closed the connection during the handshake")
-            try:
-                driver.receive(data)
-            finally:
-                pending = driver.data_to_send()
-                if pending:
-                    sock.sendall(pending)
-    except HandshakeError:
-        sock.close()
-        raise
-    except OSError as exc:
-        sock.close()
-        if isinstance(exc, TimeoutError):
-            raise HandshakeError("the handshake timed out") from exc
-        raise HandshakeError(f"connection failed during the handshake: {exc}") from exc
+        return tls
 
 
 class ClientContext(_Context):
@@ -302,6 +229,7 @@ class ClientContext(_Context):
         maximum_version: str | ProtocolVersion = "TLSv1.3",
         alpn_protocols: Sequence[str] | None = None,
         offload: Offload = "auto",
+        handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
     ) -> None:
         super().__init__(
             ciphers=ciphers,
@@ -309,6 +237,7 @@ class ClientContext(_Context):
             maximum_version=maximum_version,
             alpn_protocols=alpn_protocols,
             offload=offload,
+            handshake_timeout=handshake_timeout,
         )
         self.verify = verify
         self.check_hostname = check_hostname and verify
@@ -333,12 +262,17 @@ class ClientContext(_Context):
         server_hostname: str | None = None,
         *,
         session: SSL.Session | None = None,
+        do_handshake_on_connect: bool = True,
     ) -> TLSSocket:
-        """Handshake as a client on a connected TCP socket (which the result takes over)."""
+        """TLS as a client on a connected TCP socket (which the result takes over).
+
+        The handshake runs now, or with ``do_handshake_on_connect=False`` on
+        ``do_handshake()`` or the first I/O; either way within ``handshake_timeout``."""
         if self.check_hostname and not server_hostname:
             raise ConfigError("check_hostname needs server_hostname")
-        return self._establish(
+        return self._wrap(
             sock,
+            do_handshake_on_connect=do_handshake_on_connect,
             server_hostname=server_hostname,
             check_hostname=self.check_hostname,
             session=session,
@@ -352,16 +286,25 @@ class ClientContext(_Context):
         timeout: float | None = None,
         session: SSL.Session | None = None,
     ) -> TLSSocket:
-        """Open a TCP connection to ``address`` and handshake; SNI defaults to the host."""
+        """Open a TCP connection to ``address`` and handshake; SNI defaults to the host.
+
+        ``timeout`` bounds the connection and the handshake (else ``handshake_timeout``
+        bounds the handshake), and stays the socket's timeout afterwards."""
         host = address[0]
         self._ssl_context()  # settings and kernel errors come before any connection
         sock = socket.create_connection(address, timeout=timeout)
         name = server_hostname if server_hostname is not None else host
-        try:
-            return self.wrap_socket(sock, name, session=session)
-        except BaseException:
+        if self.check_hostname and not name:
             sock.close()
-            raise
+            raise ConfigError("check_hostname needs server_hostname")
+        return self._wrap(
+            sock,
+            do_handshake_on_connect=True,
+            server_hostname=name,
+            check_hostname=self.check_hostname,
+            session=session,
+            handshake_timeout=timeout,
+        )
 
 
 def _load_identity(
@@ -409,6 +352,7 @@ class ServerContext(_Context):
         maximum_version: str | ProtocolVersion = "TLSv1.3",
         alpn_protocols: Sequence[str] | None = None,
         offload: Offload = "auto",
+        handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
     ) -> None:
         super().__init__(
             ciphers=ciphers,
@@ -416,6 +360,7 @@ class ServerContext(_Context):
             maximum_version=maximum_version,
             alpn_protocols=alpn_protocols,
             offload=offload,
+            handshake_timeout=handshake_timeout,
         )
         ctx = self._ssl
         _load_identity(ctx, certfile, keyfile)
@@ -443,29 +388,52 @@ class ServerContext(_Context):
 
             ctx.set_alpn_select_callback(select)
 
-    def wrap_socket(self, sock: socket.socket) -> TLSSocket:
-        """Handshake as a server on an accepted TCP socket (which the result takes over)."""
-        return self._establish(sock)
+    def wrap_socket(
+        self, sock: socket.socket, *, do_handshake_on_connect: bool = True
+    ) -> TLSSocket:
+        """TLS as a server on an accepted TCP socket (which the result takes over).
 
-    def listen(self, address: tuple[str, int], backlog: int = 128) -> TLSListener:
-        return TLSListener(self, socket.create_server(address, backlog=backlog))
+        The handshake runs now, or with ``do_handshake_on_connect=False`` on
+        ``do_handshake()`` or the first I/O; either way within ``handshake_timeout``."""
+        return self._wrap(sock, do_handshake_on_connect=do_handshake_on_connect)
+
+    def listen(
+        self,
+        address: tuple[str, int],
+        backlog: int = 128,
+        *,
+        do_handshake_on_connect: bool = True,
+    ) -> TLSListener:
+        """A listening socket whose ``accept()`` gives TLSSockets.
+
+        By default ``accept()`` runs the handshake (as ``ssl`` does), bounded by
+        ``handshake_timeout``: one slow client then delays the next accept.  A server
+        that handles each connection in its own thread should pass
+        ``do_handshake_on_connect=False``: ``accept()`` returns at once and the
+        handshake runs in the handler, on ``do_handshake()`` or the first I/O."""
+        return TLSListener(
+            self,
+            socket.create_server(address, backlog=backlog),
+            do_handshake_on_connect=do_handshake_on_connect,
+        )
 
 
 class TLSListener:
-    """A listening socket whose ``accept()`` returns handshaken TLSSockets."""
+    """A listening socket whose ``accept()`` returns TLSSockets."""
 
-    def __init__(self, context: ServerContext, sock: socket.socket) -> None:
+    def __init__(
+        self, context: ServerContext, sock: socket.socket, *, do_handshake_on_connect: bool = True
+    ) -> None:
         self.context = context
         self.socket = sock
+        self.do_handshake_on_connect = do_handshake_on_connect
 
     def accept(self) -> tuple[TLSSocket, tuple[str, int]]:
-        """Accept one connection and handshake; HandshakeError if that fails."""
+        """Accept one connection; HandshakeError if its handshake (run here unless
+        ``do_handshake_on_connect`` is off) fails."""
         sock, address = self.socket.accept()
-        try:
-            return self.context.wrap_socket(sock), address
-        except BaseException:
-            sock.close()
-            raise
+        tls = self.context.wrap_socket(sock, do_handshake_on_connect=self.do_handshake_on_connect)
+        return tls, address
 
     def getsockname(self) -> tuple[str, int]:
         name: tuple[str, int] = self.socket.getsockname()[:2]

@@ -21,6 +21,7 @@ __all__ = [
     "KernelUnsupported",
     "ProtocolViolation",
     "RekeyUnsupported",
+    "SoftwareUnsupported",
     "TruncatedStream",
     "ULPUnavailable",
 ]
@@ -91,6 +92,11 @@ class CipherUnsupported(KernelUnsupported):
 
 class RekeyUnsupported(KernelUnsupported):
     """The kernel cannot change TLS 1.3 keys (KeyUpdate needs Linux >= 6.14)."""
+
+
+class SoftwareUnsupported(KTLSError):
+    """The software engine cannot carry this cipher (the ``cryptography`` package lacks
+    it) where the kernel did not take it either."""
 
 
 class ClosedError(KTLSError):

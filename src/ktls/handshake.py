@@ -19,13 +19,7 @@ import contextlib
 import ipaddress
 from typing import Any
 
-from cryptography import x509
 from OpenSSL import SSL
-from service_identity import VerificationError
-from service_identity.cryptography import (
-    verify_certificate_hostname,
-    verify_certificate_ip_address,
-)
 
 from .errors import HandshakeError, ProtocolViolation
 from .keyschedule import (
@@ -36,31 +30,32 @@ from .keyschedule import (
 )
 from .protection import Sealer
 from .records import (
-    HEADER_LEN,
+    ANY_RECORD_VERSION,
     RecordBuffer,
-    encode_alert,
+    RecordHeader,
     encode_header,
     parse_alert,
-    parse_header,
 )
 from .session import Role, Session, TrafficKeys
 from .suites import Suite, suite_by_name
 from .wire import AlertDescription, ContentType, ProtocolVersion
 
-__all__ = ["HandshakeDriver", "keylog_callback"]
+__all__ = ["HandshakeDriver", "TicketSink", "keylog_callback"]
 
 _VERSIONS = {"TLSv1.2": ProtocolVersion.TLS1_2, "TLSv1.3": ProtocolVersion.TLS1_3}
 _ALERT_PREFIXES = ("sslv3 alert ", "tlsv1 alert ", "tlsv13 alert ")
-# A few X509_V_ERR_* codes, worded for people (openssl/x509_vfy.h).
-_VERIFY_ERRORS = {
-    2: "unable to get the issuer certificate",
-    9: "certificate is not yet valid",
-    10: "certificate has expired",
-    18: "self-signed certificate",
-    19: "self-signed certificate in the chain",
-    20: "unable to get local issuer certificate (unknown CA)",
-    21: "unable to verify the first certificate",
-    26: "unsuitable certificate purpose",
+# OpenSSL's verification errors (openssl/x509_vfy.h) that get their own wording, and
+# the alert OpenSSL sends for each (ssl_x509err2alert); others say certificate_unknown.
+_HOSTNAME_MISMATCH = {62, 64}  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
+_VERIFY_ALERTS = {
+    2: AlertDescription.UNKNOWN_CA,  # unable to get issuer certificate
+    10: AlertDescription.CERTIFICATE_EXPIRED,
+    18: AlertDescription.UNKNOWN_CA,  # self-signed
+    19: AlertDescription.UNKNOWN_CA,  # self-signed in the chain
+    20: AlertDescription.UNKNOWN_CA,  # unable to get local issuer certificate
+    21: AlertDescription.UNKNOWN_CA,  # unable to verify the first certificate
+    62: AlertDescription.BAD_CERTIFICATE,
+    64: AlertDescription.BAD_CERTIFICATE,
 }
 
 
@@ -104,10 +99,15 @@ class HandshakeDriver:
         self._conn = conn
         self.role = role
         self._server_hostname = server_hostname
-        self._check_hostname = check_hostname and server_hostname is not None
+        if check_hostname and server_hostname is not None:
+            _verify_name_in_handshake(conn, server_hostname)
         conn.set_app_data(self)
-        self._incoming = RecordBuffer()
+        # During the handshake the record version is anything 3.x: RFC 8446 5.1 and
+        # RFC 5246 E.1 say to ignore it (a first ClientHello may say 0x0300), and
+        # OpenSSL judges what it must.
+        self._incoming = RecordBuffer(versions=ANY_RECORD_VERSION)
         self._out = bytearray()
+        self._out_records = RecordBuffer(versions=ANY_RECORD_VERSION)
         self._secrets: dict[str, bytes] = {}
         # Record bookkeeping for the sequence numbers and the TLS 1.2 explicit nonce.
         self._peer_ccs = False
@@ -118,6 +118,7 @@ class HandshakeDriver:
         self._step_protected_records = 0
         self._peer_alert: AlertDescription | None = None
         self._verify_error: str | None = None
+        self._verify_alert: AlertDescription | None = None
         self.done = False
         self._session: Session | None = None
         if role is Role.CLIENT:
@@ -130,7 +131,10 @@ class HandshakeDriver:
 
     def bytes_wanted(self) -> int:
         """How many bytes to read next: never past the end of the current record."""
-        return self._incoming.needed()
+        try:
+            return self._incoming.needed()
+        except ProtocolViolation as exc:
+            raise HandshakeError(f"peer sent garbage during the handshake: {exc}") from exc
 
     def receive(self, data: bytes) -> None:
         """Take bytes from the peer; step OpenSSL once a record is whole.
@@ -195,35 +199,37 @@ class HandshakeDriver:
         self._drain()
         self._session = self._build_session()
         self.done = True
-        if self._check_hostname:
-            self._verify_peer_name()
 
     def _drain(self) -> None:
+        """Take what OpenSSL wrote, and keep the books on each whole record in it."""
         while True:
             try:
                 chunk = self._conn.bio_read(1 << 16)
             except SSL.WantReadError:
-                return
-            self._account_outgoing(chunk)
+                break
             self._out += chunk
+            # A record may span two reads of the BIO (a big certificate chain): count
+            # records only once they are whole.
+            self._out_records.feed(chunk)
+        while (record := self._out_records.next_record()) is not None:
+            self._account_outgoing(*record)
 
-    def _account_outgoing(self, chunk: bytes) -> None:
-        # OpenSSL writes whole records to the BIO; walk them.
-        offset = 0
-        while offset + HEADER_LEN <= len(chunk):
-            header = parse_header(chunk[offset : offset + HEADER_LEN])
-            body = chunk[offset + HEADER_LEN : offset + HEADER_LEN + header.length]
-            offset += HEADER_LEN + header.length
-            if header.content_type == ContentType.CHANGE_CIPHER_SPEC:
-                self._own_ccs = True
-            elif self._own_ccs:
-                self._tx_after_ccs += 1
-                self._last_tx_body = body
-            if header.content_type == ContentType.APPLICATION_DATA:
-                self._step_protected_records += 1
+    def _account_outgoing(self, header: RecordHeader, body: bytes) -> None:
+        if header.content_type == ContentType.CHANGE_CIPHER_SPEC:
+            self._own_ccs = True
+        elif self._own_ccs:
+            self._tx_after_ccs += 1
+            self._last_tx_body = body
+        if header.content_type == ContentType.APPLICATION_DATA:
+            self._step_protected_records += 1
 
     def _failure(self, exc: SSL.Error) -> HandshakeError:
         reasons = _openssl_reasons(exc)
+        if self._verify_error is not None:
+            # We refused the peer's certificate; OpenSSL sent the alert for it.
+            return HandshakeError(
+                f"certificate verify failed: {self._verify_error}", alert=self._verify_alert
+            )
         # OpenSSL's "... alert <name>" reasons are only raised for alerts it received.
         alert = _alert_in_openssl_error(reasons) or self._peer_alert
         if alert is not None:
@@ -232,10 +238,7 @@ class HandshakeDriver:
                 alert=alert,
                 received=True,
             )
-        message = "; ".join(reasons)
-        if self._verify_error is not None:
-            message = f"certificate verify failed: {self._verify_error}"
-        return HandshakeError(f"handshake failed: {message}")
+        return HandshakeError(f"handshake failed: {'; '.join(reasons)}")
 
     def verify_callback(
         self, conn: SSL.Connection, cert: Any, errnum: int, depth: int, ok: int
@@ -247,8 +250,14 @@ class HandshakeDriver:
                 subject = cert.to_cryptography().subject.rfc4514_string() or "(empty)"
             except Exception:
                 subject = "(unreadable)"
-            what = _VERIFY_ERRORS.get(errnum, f"X509 error {errnum}")
+            if errnum in _HOSTNAME_MISMATCH:
+                what = f"certificate does not match {self._server_hostname!r}"
+            else:
+                what = _x509_error_string(errnum)
+                if _VERIFY_ALERTS.get(errnum) is AlertDescription.UNKNOWN_CA:
+                    what += " (unknown CA)"
             self._verify_error = f"{what} (depth {depth}, subject {subject})"
+            self._verify_alert = _VERIFY_ALERTS.get(errnum, AlertDescription.CERTIFICATE_UNKNOWN)
         return bool(ok)
 
     def _build_session(self) -> Session:
@@ -345,25 +354,30 @@ class HandshakeDriver:
         )
         return client, server
 
-    def _verify_peer_name(self) -> None:
-        name = self._server_hostname
-        assert name is not None
-        cert = self._conn.get_peer_certificate(as_cryptography=True)
+
+class TicketSink:
+    """Feeds TLS 1.3 NewSessionTicket messages to OpenSSL after the hand-off, so that
+    ``SSL.Connection.get_session()`` can resume.
+
+    OpenSSL never sees the records the engine reads, so each ticket is sealed again,
+    under the server's first application key at the sequence number OpenSSL itself
+    expects (it has read nothing under that key), and fed to its memory BIO.
+    """
+
+    def __init__(self, conn: SSL.Connection, session: Session) -> None:
+        self._conn = conn
+        keys = session.rx
+        self._sealer = Sealer(session.version, session.suite.cipher, keys.key, keys.iv, 0)
+
+    def __call__(self, message: bytes) -> None:
+        self._conn.bio_write(self._sealer.seal(ContentType.HANDSHAKE, message))
         try:
-            if cert is None:
-                raise VerificationError(errors=[])
-            _verify_name(cert, name)
-        except VerificationError as exc:
-            # The handshake is complete, so the alert goes out under the new keys.
-            session = self.session
-            sealer = Sealer.from_keys(session.version, session.suite.cipher, session.tx)
-            self._out += sealer.seal(
-                ContentType.ALERT, encode_alert(AlertDescription.BAD_CERTIFICATE)
-            )
-            self.done = False
-            raise HandshakeError(
-                f"certificate does not match {name!r}",
-                alert=AlertDescription.BAD_CERTIFICATE,
+            self._conn.recv(1)
+        except SSL.WantReadError:
+            return
+        except SSL.Error as exc:
+            raise ProtocolViolation(
+                f"OpenSSL rejected a NewSessionTicket: {exc}", AlertDescription.DECODE_ERROR
             ) from exc
 
 
@@ -375,11 +389,32 @@ def is_ip_address(name: str) -> bool:
     return True
 
 
-def _verify_name(cert: x509.Certificate, name: str) -> None:
+def _verify_name_in_handshake(conn: SSL.Connection, name: str) -> None:
+    """Make OpenSSL check the peer's name while it verifies the chain, so a wrong name
+    fails the handshake before we send our Finished (or our certificate).
+
+    pyOpenSSL has no call for X509_VERIFY_PARAM_set1_host/_ip; its cffi binding has
+    (the same calls CPython's ssl makes for check_hostname).
+    """
+    from OpenSSL._util import lib  # noqa: PLC0415 -- private, so kept to these places
+
+    param = lib.SSL_get0_param(conn._ssl)
     if is_ip_address(name):
-        verify_certificate_ip_address(cert, name)
+        packed = ipaddress.ip_address(name).packed
+        ok = lib.X509_VERIFY_PARAM_set1_ip(param, packed, len(packed))
     else:
-        verify_certificate_hostname(cert, name)
+        lib.X509_VERIFY_PARAM_set_hostflags(param, lib.X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS)
+        encoded = name.encode("idna")
+        ok = lib.X509_VERIFY_PARAM_set1_host(param, encoded, len(encoded))
+    if ok != 1:
+        raise HandshakeError(f"OpenSSL refused {name!r} as a name to verify")
+
+
+def _x509_error_string(errnum: int) -> str:
+    from OpenSSL._util import ffi, lib  # noqa: PLC0415
+
+    text: bytes = ffi.string(lib.X509_verify_cert_error_string(errnum))
+    return text.decode("ascii", "replace")
 
 
 def session_reused(conn: SSL.Connection) -> bool:

@@ -19,12 +19,15 @@ import errno
 import functools
 import os
 import socket
+import threading
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import ParamSpec, TypeVar
 
 from . import linux
-from .engine import RxEngine, TxEngine
+from .engine import EngineName, RxEngine, TxEngine
 from .errors import (
     CipherUnsupported,
     KernelUnsupported,
@@ -44,6 +47,7 @@ __all__ = [
     "attach_ulp",
     "capabilities",
     "cipher_errors",
+    "forget_probes",
     "install",
     "kernel_accepts",
     "read_crypto_info",
@@ -53,6 +57,7 @@ __all__ = [
 ]
 
 _CMSG_SPACE = socket.CMSG_SPACE(1)
+_MAX_READ = 1 << 20  # bytes of application data one read may return
 _KNOWN_TYPES = frozenset(ContentType.__members__.values())
 # What the kernel's RX errors mean, and the alert RFC 8446/5246 name for each.
 _RX_ERRORS: dict[int, tuple[str, AlertDescription]] = {
@@ -139,7 +144,7 @@ def read_crypto_info(sock: socket.socket, direction: int, cipher: Cipher) -> lin
 class _KernelDirection:
     """One direction handed to the kernel: install, re-key, read back."""
 
-    name = "kernel"
+    name: EngineName = "kernel"
     _direction: int  # linux.TLS_TX or linux.TLS_RX
 
     def __init__(
@@ -150,7 +155,7 @@ class _KernelDirection:
         self._version = version
         self._cipher = cipher
 
-    def rekey(self, keys: TrafficKeys) -> None:
+    def _install(self, keys: TrafficKeys) -> None:
         install(self._sock, self._direction, self._version, self._cipher, keys)
 
     def crypto_info(self) -> linux.CryptoInfo:
@@ -158,15 +163,49 @@ class _KernelDirection:
 
 
 class KernelTx(_KernelDirection, TxEngine):
+    """Records are built by the kernel from plain ``send``/``sendfile``; control records
+    go with ``sendmsg`` and a ``TLS_SET_RECORD_TYPE`` cmsg.  Control records and key
+    changes wait in a queue until the socket takes them, in order."""
+
     _direction = linux.TLS_TX
 
-    def send(self, data: memoryview) -> int:
-        return self._sock.send(data)
+    def __init__(
+        self, sock: socket.socket, version: ProtocolVersion, cipher: Cipher, keys: TrafficKeys
+    ) -> None:
+        super().__init__(sock, version, cipher, keys)
+        # (content type, payload) records, or new keys to install once what precedes
+        # them is in the kernel.
+        self._queue: deque[tuple[ContentType, bytes] | TrafficKeys] = deque()
 
-    def send_record(self, content_type: ContentType, payload: bytes) -> None:
+    @property
+    def queued(self) -> bool:
+        return bool(self._queue)
+
+    def queue_record(self, content_type: ContentType, payload: bytes) -> None:
+        self._queue.append((content_type, payload))
+
+    def queue_keys(self, keys: TrafficKeys) -> None:
+        self._queue.append(keys)
+
+    def flush(self, flags: int = 0) -> None:
+        while self._queue:
+            item = self._queue[0]
+            if isinstance(item, TrafficKeys):
+                self._install(item)
+            else:
+                content_type, payload = item
+                sent = self._send_record(content_type, payload, flags)
+                if sent < len(payload):
+                    # Never seen for records this small, but the rest must not be lost:
+                    # it goes out as the next record of the same type.
+                    self._queue[0] = (content_type, payload[sent:])
+                    continue
+            self._queue.popleft()
+
+    def _send_record(self, content_type: ContentType, payload: bytes, flags: int) -> int:
         cmsg = [(linux.SOL_TLS, linux.TLS_SET_RECORD_TYPE, bytes((content_type,)))]
         try:
-            sent = self._sock.sendmsg([payload], cmsg)
+            return self._sock.sendmsg([payload], cmsg, flags)
         except OSError as exc:
             # A failed decryption parks its error (EBADMSG, ...) in the socket's error
             # slot, and sends report it instead of sending.  Reading SO_ERROR clears
@@ -174,55 +213,107 @@ class KernelTx(_KernelDirection, TxEngine):
             if exc.errno not in _RX_ERRORS:
                 raise
             self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            sent = self._sock.sendmsg([payload], cmsg)
-        if sent != len(payload):  # a control record is sent whole or not at all
-            raise OSError(errno.EIO, "short write of a TLS control record")
+            return self._sock.sendmsg([payload], cmsg, flags)
 
-    def sendfile(self, file: BinaryIO, offset: int, count: int | None) -> int:
-        # socket.sendfile() is os.sendfile() in a loop that honours the socket timeout;
-        # the kernel builds the records from the page cache: zero copies in user space.
-        return self._sock.sendfile(file, offset, count)
+    def send_data(self, data: memoryview, flags: int = 0) -> int:
+        self.flush(flags)
+        return self._sock.send(data, flags)
+
+    def sendfile(self, file_fd: int, offset: int, count: int, flags: int = 0) -> int:
+        # The kernel reads the file's pages and builds the records itself: no copy into
+        # Python.  (It encrypts into its own buffers; TLS_TX_ZEROCOPY_RO only matters
+        # for NIC offload.)  os.sendfile has no flags: it follows the socket's mode.
+        self.flush(flags)
+        return os.sendfile(self._sock.fileno(), file_fd, offset, count)
+
+    def rekey_refusal(self) -> str | None:
+        return rekey_error()
 
 
 class KernelRx(_KernelDirection, RxEngine):
+    """Records are opened by the kernel and read with ``recvmsg``, whose
+    ``TLS_GET_RECORD_TYPE`` cmsg tells data from control records: a plain ``recv``
+    fails with EIO at the first non-data record (a TLS 1.3 ticket, say).
+
+    Two 7.x traps live here.  Poll does not show a control record the kernel already
+    decrypted ahead (while reading the data before it) or any record while a KeyUpdate
+    is pending, so drivers must read first and wait only after EAGAIN (see
+    :meth:`ready`).  And the kernel marks "KeyUpdate pending" on any handshake record
+    whose first byte is 24: a KeyUpdate split over two records (legal), or a ticket
+    fragment that happens to start with 24, stops reads with EKEYEXPIRED although the
+    key must not change yet; installing the *same* key again at the live sequence
+    number clears it, and the next record opens under the old key as it must.
+    """
+
     _direction = linux.TLS_RX
 
-    def __init__(
-        self, sock: socket.socket, version: ProtocolVersion, cipher: Cipher, keys: TrafficKeys
-    ) -> None:
-        super().__init__(sock, version, cipher, keys)
-        self._buffer = bytearray(MAX_PLAINTEXT + 1)
+    def rekey(self, keys: TrafficKeys) -> None:
+        self._install(keys)
 
-    def buffered(self) -> bool:
-        return False  # records wait in the kernel, where select() sees them
+    def rekey_refusal(self) -> str | None:
+        return rekey_error()
 
-    def recv_record(self, bufsize: int) -> tuple[ContentType, bytes] | None:
-        # The buffer always has room for a whole record so that a control record is
-        # never split across reads.
-        if len(self._buffer) < bufsize:
-            self._buffer = bytearray(bufsize)
-        view = memoryview(self._buffer)
+    def ready(self) -> int | None:
+        """Application data readable now without waiting (0: none), or None when a
+        control record (or an error, or the end) comes first: read it to find out.
+        A peek, because poll can't be trusted for this (see the class docstring)."""
         try:
-            nbytes, ancdata, _flags, _addr = self._sock.recvmsg_into(
-                [view[: max(bufsize, MAX_PLAINTEXT + 1)]], _CMSG_SPACE
+            data, ancdata, _flags, _addr = self._sock.recvmsg(
+                MAX_PLAINTEXT + 1, _CMSG_SPACE, socket.MSG_PEEK | socket.MSG_DONTWAIT
             )
+        except BlockingIOError:
+            return 0
+        except OSError:
+            return None
+        if not data or _record_type(ancdata) is not ContentType.APPLICATION_DATA:
+            return None
+        return len(data)
+
+    def read(self, bufsize: int, flags: int = 0) -> tuple[ContentType, bytes] | None:
+        # Room for a whole record at least, so that a control record is never split;
+        # at most _MAX_READ, so that a huge bufsize does not pin memory.
+        size = min(max(bufsize, MAX_PLAINTEXT + 1), max(_MAX_READ, MAX_PLAINTEXT + 1))
+        try:
+            try:
+                data, ancdata, _flags, _addr = self._sock.recvmsg(size, _CMSG_SPACE, flags)
+            except OSError as exc:
+                if exc.errno != errno.EKEYEXPIRED:
+                    raise
+                # The kernel saw the first byte of something that is not (yet) a whole
+                # KeyUpdate: keep the key, clear the flag, read on (class docstring).
+                self._install_raw(
+                    self._sock.getsockopt(
+                        linux.SOL_TLS, self._direction, linux.crypto_info_size(self._cipher)
+                    )
+                )
+                data, ancdata, _flags, _addr = self._sock.recvmsg(size, _CMSG_SPACE, flags)
         except OSError as exc:
             known = _RX_ERRORS.get(exc.errno or 0)
             if known is None:
                 raise
             raise ProtocolViolation(f"kernel TLS: {known[0]}", known[1]) from exc
-        content_type = ContentType.APPLICATION_DATA
-        for level, kind, value in ancdata:
-            if level == linux.SOL_TLS and kind == linux.TLS_GET_RECORD_TYPE:
-                if value[0] not in _KNOWN_TYPES:  # the kernel passes any inner type on
-                    raise ProtocolViolation(
-                        f"record of unknown content type {value[0]}",
-                        AlertDescription.UNEXPECTED_MESSAGE,
-                    )
-                content_type = ContentType(value[0])
-        if nbytes == 0 and content_type is ContentType.APPLICATION_DATA and not ancdata:
+        content_type = _record_type(ancdata)
+        if not data and content_type is ContentType.APPLICATION_DATA and not ancdata:
             return None
-        return content_type, bytes(view[:nbytes])
+        return content_type, data
+
+    def _install_raw(self, info: bytes) -> None:
+        try:
+            self._sock.setsockopt(linux.SOL_TLS, self._direction, info)
+        except OSError as exc:
+            raise RekeyUnsupported(f"kernel refused the RX key again: {exc.strerror}") from exc
+
+
+def _record_type(ancdata: list[tuple[int, int, bytes]]) -> ContentType:
+    for level, kind, value in ancdata:
+        if level == linux.SOL_TLS and kind == linux.TLS_GET_RECORD_TYPE:
+            if value[0] not in _KNOWN_TYPES:  # the kernel passes any inner type on
+                raise ProtocolViolation(
+                    f"record of unknown content type {value[0]}",
+                    AlertDescription.UNEXPECTED_MESSAGE,
+                )
+            return ContentType(value[0])
+    return ContentType.APPLICATION_DATA
 
 
 def read_tls_stat() -> dict[str, int] | None:
@@ -252,13 +343,25 @@ class KernelCapabilities:
     release: str = ""
 
 
+class _NoLoopback(Exception):
+    """No loopback TCP connection could be made to try the kernel on."""
+
+
 def _loopback_pair() -> tuple[socket.socket, socket.socket]:
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(1)
-        client = socket.create_connection(listener.getsockname())
-        server, _ = listener.accept()
-    return client, server
+    failures = []
+    for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        try:
+            with socket.socket(family) as listener:
+                listener.bind((host, 0))
+                listener.listen(1)
+                client = socket.create_connection(listener.getsockname()[:2], timeout=5)
+                server, _ = listener.accept()
+        except OSError as exc:
+            failures.append(f"{host}: {exc.strerror or exc}")
+            continue
+        client.settimeout(None)
+        return client, server
+    raise _NoLoopback("; ".join(failures))
 
 
 def _dummy_keys(version: ProtocolVersion, cipher: Cipher) -> TrafficKeys:
@@ -280,13 +383,44 @@ def _try(action: functools.partial[None]) -> str | None:
 
 # Each probe runs once per process, and only when asked: on a kernel that lacks a
 # cipher's module, each refusal costs a failed module autoload (~0.6 s under UML), so
-# a connection only probes the suites it offers; `ktls probe` probes them all.
+# a connection only probes the suites it offers; `ktls probe` probes them all.  The
+# lock makes threads that connect at the same time wait for one probe, not run many.
+
+_PROBE_LOCK = threading.RLock()
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+_PROBE_CACHES: list[Callable[[], None]] = []
 
 
-@functools.cache
+def _probe(func: Callable[_P, _R]) -> Callable[_P, _R]:
+    cache: dict[tuple[object, ...], _R] = {}
+    _PROBE_CACHES.append(cache.clear)
+
+    @functools.wraps(func)
+    def probe(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        key = (*args, *sorted(kwargs.items()))
+        with _PROBE_LOCK:
+            if key not in cache:
+                cache[key] = func(*args, **kwargs)
+            return cache[key]
+
+    return probe
+
+
+def forget_probes() -> None:
+    """Probe the kernel afresh on next use (for tests, and after `modprobe tls`)."""
+    with _PROBE_LOCK:
+        for clear in _PROBE_CACHES:
+            clear()
+
+
+@_probe
 def ulp_error() -> str | None:
     """None when the TLS ULP attaches here, else why not."""
-    client, server = _loopback_pair()
+    try:
+        client, server = _loopback_pair()
+    except _NoLoopback as exc:
+        return f"cannot try kernel TLS: no usable loopback connection ({exc})"
     with client, server:
         try:
             attach_ulp(client)
@@ -295,13 +429,17 @@ def ulp_error() -> str | None:
     return None
 
 
-@functools.cache
+@_probe
 def cipher_errors(cipher: Cipher, version: ProtocolVersion) -> tuple[str | None, str | None]:
     """(TX, RX) refusal of this cipher and version by the kernel; None where accepted."""
     if ulp_error() is not None:
         return ulp_error(), ulp_error()
     keys = _dummy_keys(version, cipher)
-    client, server = _loopback_pair()
+    try:
+        client, server = _loopback_pair()
+    except _NoLoopback as exc:
+        reason = f"cannot try: no usable loopback connection ({exc})"
+        return reason, reason
     with client, server:
         attach_ulp(client)
         attach_ulp(server)
@@ -315,14 +453,17 @@ def kernel_accepts(cipher: Cipher, version: ProtocolVersion) -> bool:
     return cipher_errors(cipher, version) == (None, None)
 
 
-@functools.cache
+@_probe
 def _features() -> tuple[str | None, bool, bool]:
     """(rekey refusal, zero-copy sendfile, RX no-pad), tried on TLS 1.3 AES-128-GCM."""
     if ulp_error() is not None:
         return ulp_error(), False, False
     cipher, version = CIPHERS["AES-128-GCM"], ProtocolVersion.TLS1_3
     keys = _dummy_keys(version, cipher)
-    client, server = _loopback_pair()
+    try:
+        client, server = _loopback_pair()
+    except _NoLoopback as exc:
+        return f"cannot try: no usable loopback connection ({exc})", False, False
     with client, server:
         attach_ulp(client)
         attach_ulp(server)
@@ -345,7 +486,7 @@ def rekey_error() -> str | None:
     return _features()[0]
 
 
-@functools.cache
+@_probe
 def capabilities() -> KernelCapabilities:
     """Everything this kernel's TLS layer accepts, probed on loopback sockets."""
     release = os.uname().release

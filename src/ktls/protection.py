@@ -16,13 +16,20 @@ from typing import Protocol
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESCCM, AESGCM, ChaCha20Poly1305
 
-from .errors import CipherUnsupported, ProtocolViolation
-from .records import MAX_PLAINTEXT, RecordHeader, encode_header
+from .errors import ProtocolViolation, SoftwareUnsupported
+from .records import (
+    MAX_PLAINTEXT,
+    PROTECTED_VERSIONS,
+    RecordBuffer,
+    RecordHeader,
+    encode_header,
+    max_ciphertext,
+)
 from .session import TrafficKeys
 from .suites import Cipher
 from .wire import AlertDescription, ContentType, ProtocolVersion
 
-__all__ = ["Opener", "Sealer", "software_supports"]
+__all__ = ["Opener", "RecordReceiver", "RecordSender", "Sealer", "software_supports"]
 
 _SEQ = struct.Struct("!Q")
 _SEQ_LIMIT = 1 << 64
@@ -40,7 +47,7 @@ def _make_aead(cipher: Cipher, key: bytes) -> _AEAD:
         return AESCCM(key, tag_length=cipher.tag_len)
     if cipher.name == "CHACHA20-POLY1305":
         return ChaCha20Poly1305(key)
-    raise CipherUnsupported(
+    raise SoftwareUnsupported(
         f"the software engine has no {cipher.name} (the cryptography package lacks it)"
     )
 
@@ -195,3 +202,65 @@ class Opener(_Direction):
                 "record failed authentication (tampered or wrong key)",
                 AlertDescription.BAD_RECORD_MAC,
             ) from None
+
+
+class RecordSender:
+    """One sending direction as a stream: application data cut into records, control
+    records, and new keys after a KeyUpdate.  Bytes out; the caller sends them."""
+
+    def __init__(self, version: ProtocolVersion, cipher: Cipher, keys: TrafficKeys) -> None:
+        self._version = version
+        self._cipher = cipher
+        self._sealer = Sealer.from_keys(version, cipher, keys)
+
+    def seal_data(self, data: memoryview) -> bytes:
+        """``data`` as application data records of at most 2^14 bytes each."""
+        seal = self._sealer.seal
+        return b"".join(
+            seal(ContentType.APPLICATION_DATA, bytes(data[i : i + MAX_PLAINTEXT]))
+            for i in range(0, len(data), MAX_PLAINTEXT)
+        )
+
+    def seal(self, content_type: ContentType, payload: bytes) -> bytes:
+        return self._sealer.seal(content_type, payload)
+
+    def rekey(self, keys: TrafficKeys) -> None:
+        self._sealer = Sealer.from_keys(self._version, self._cipher, keys)
+
+
+class RecordReceiver:
+    """One receiving direction as a stream: bytes in, whole opened records out."""
+
+    def __init__(self, version: ProtocolVersion, cipher: Cipher, keys: TrafficKeys) -> None:
+        self._version = version
+        self._cipher = cipher
+        self._opener = Opener.from_keys(version, cipher, keys)
+        self._records = RecordBuffer(
+            max_length=max_ciphertext(version), versions=PROTECTED_VERSIONS
+        )
+
+    def feed(self, data: bytes) -> None:
+        self._records.feed(data)
+
+    def next_record(self) -> tuple[ContentType, bytes] | None:
+        """The next record's (content type, plaintext), or None until more bytes come.
+        Raises ProtocolViolation for anything that must not be accepted."""
+        record = self._records.next_record()
+        return None if record is None else self._opener.open(*record)
+
+    def has_record(self) -> bool:
+        """Whether a whole record (or a header already known to be bad) is buffered:
+        :meth:`next_record` then answers without more bytes."""
+        if not self._records.pending():
+            return False
+        try:
+            return self._records.needed() == 0
+        except ProtocolViolation:
+            return True
+
+    @property
+    def buffered_bytes(self) -> int:
+        return self._records.pending()
+
+    def rekey(self, keys: TrafficKeys) -> None:
+        self._opener = Opener.from_keys(self._version, self._cipher, keys)

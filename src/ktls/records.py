@@ -17,6 +17,7 @@ from .errors import ProtocolViolation
 from .wire import AlertDescription, AlertLevel, ContentType, HandshakeType, KeyUpdateRequest
 
 __all__ = [
+    "ANY_RECORD_VERSION",
     "HEADER_LEN",
     "MAX_PLAINTEXT",
     "Alert",
@@ -43,6 +44,8 @@ _HEADER = struct.Struct("!BHH")
 # says 0x0303, and the kernel rejects anything else, so the software engine does too.
 HANDSHAKE_VERSIONS = frozenset({0x0301, 0x0302, 0x0303})
 PROTECTED_VERSIONS = frozenset({0x0303})
+# What a peer may put in a handshake record: any 3.x (RFC 5246 E.1, RFC 8446 5.1).
+ANY_RECORD_VERSION = frozenset(range(0x0300, 0x0400))
 
 
 def max_ciphertext(version: int) -> int:

@@ -1,0 +1,146 @@
+"""From a connected TCP socket to installed record engines: prepare, pump, install.
+
+Every I/O style goes the same three steps, and only the middle one is its own:
+
+1. :func:`prepare` attaches the TLS ULP (before the handshake, so that a kernel that
+   can't is found out early; with no keys set the socket still behaves like plain
+   TCP) and sets up OpenSSL and the sans-IO :class:`~ktls.handshake.HandshakeDriver`;
+2. the caller pumps the driver: blocking (:class:`~ktls.tlssocket.TLSSocket`) or from
+   an event loop, reading no more than ``driver.bytes_wanted()`` at a time;
+3. :func:`install` turns the hand-off value into a sending and a receiving engine, per
+   direction the kernel if it takes the keys, else (unless ``offload="kernel"``) the
+   software engine.  If it fails, the internal_error alert for the peer is queued in
+   :attr:`Handshake.abort_engine` for the caller to flush before closing: nothing here
+   sends by itself.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal, TypeVar
+
+from OpenSSL import SSL
+
+from .engine import RxEngine, TxEngine
+from .errors import KernelUnsupported, SoftwareUnsupported, ULPUnavailable
+from .handshake import HandshakeDriver, is_ip_address
+from .kernel import KernelRx, KernelTx, attach_ulp, ulp_error
+from .protection import software_supports
+from .records import encode_alert
+from .session import Role, Session, TrafficKeys
+from .software import SoftwareRx, SoftwareTx
+from .suites import Cipher
+from .wire import AlertDescription, ContentType, ProtocolVersion
+
+__all__ = ["Handshake", "Offload", "install", "prepare"]
+
+log = logging.getLogger("ktls")
+
+Offload = Literal["auto", "kernel", "software"]
+
+_E = TypeVar("_E")
+# Both engines of a direction are built the same way: (sock, version, cipher, keys).
+_Factory = Callable[[socket.socket, ProtocolVersion, Cipher, TrafficKeys], _E]
+
+
+@dataclass
+class Handshake:
+    """One connection between TCP and the record engines."""
+
+    sock: socket.socket
+    conn: SSL.Connection
+    driver: HandshakeDriver
+    offload: Offload
+    ulp: bool  # the TLS ULP is attached: the kernel may take the keys
+    abort_engine: TxEngine | None = field(default=None)
+
+
+def prepare(
+    sock: socket.socket,
+    ssl_context: SSL.Context,
+    role: Role,
+    offload: Offload,
+    *,
+    server_hostname: str | None = None,
+    check_hostname: bool = False,
+    session: SSL.Session | None = None,
+) -> Handshake:
+    """Step 1: attach the ULP when the kernel has it, set up OpenSSL and the driver."""
+    ulp = False
+    if offload != "software":
+        missing = ulp_error()
+        if missing is None:
+            try:
+                attach_ulp(sock)
+                ulp = True
+            except ULPUnavailable as exc:
+                # ENOTCONN: the peer is gone already (it hung up right after connecting).
+                # That is the handshake's failure to report, the same on every engine.
+                if not isinstance(exc.__cause__, OSError) or (
+                    exc.__cause__.errno != errno.ENOTCONN
+                ):
+                    raise
+        elif offload == "kernel":
+            raise ULPUnavailable(missing)
+        else:
+            log.info("software engine: %s", missing)
+    conn = SSL.Connection(ssl_context, None)
+    if server_hostname and role is Role.CLIENT and not is_ip_address(server_hostname):
+        conn.set_tlsext_host_name(server_hostname.encode("idna"))  # RFC 6066: no IPs
+    if session is not None:
+        conn.set_session(session)
+    driver = HandshakeDriver(
+        conn, role, server_hostname=server_hostname, check_hostname=check_hostname
+    )
+    conn.set_verify(ssl_context.get_verify_mode(), driver.verify_callback)
+    return Handshake(sock, conn, driver, offload, ulp)
+
+
+def install(handshake: Handshake) -> tuple[TxEngine, RxEngine]:
+    """Step 3: the engines for the completed handshake.
+
+    Raises KernelUnsupported (``offload="kernel"`` and the kernel refused) or
+    SoftwareUnsupported, after queueing an internal_error alert in
+    ``handshake.abort_engine`` when any engine can still seal it.
+    """
+    session = handshake.driver.session
+    sock, version, cipher = handshake.sock, session.version, session.suite.cipher
+
+    def engine(kernel: _Factory[_E], software: _Factory[_E], keys: TrafficKeys, what: str) -> _E:
+        if handshake.ulp:
+            try:
+                return kernel(sock, version, cipher, keys)
+            except KernelUnsupported as exc:
+                if handshake.offload == "kernel":
+                    raise
+                log.info("%s on the software engine: %s", what, exc)
+        if not software_supports(cipher):
+            raise SoftwareUnsupported(
+                f"the software engine has no {cipher.name} (the cryptography package lacks "
+                "it), and the kernel did not take it"
+            )
+        return software(sock, version, cipher, keys)
+
+    tx: TxEngine | None = None
+    try:
+        tx = engine(KernelTx, SoftwareTx, session.tx, "TX")
+        rx: RxEngine = engine(KernelRx, SoftwareRx, session.rx, "RX")
+    except (KernelUnsupported, SoftwareUnsupported):
+        handshake.abort_engine = tx or _software_tx(sock, session)
+        if handshake.abort_engine is not None:
+            handshake.abort_engine.queue_record(
+                ContentType.ALERT, encode_alert(AlertDescription.INTERNAL_ERROR)
+            )
+        raise
+    return tx, rx
+
+
+def _software_tx(sock: socket.socket, session: Session) -> TxEngine | None:
+    """A sending engine for the alert when the kernel took nothing."""
+    if not software_supports(session.suite.cipher):
+        return None
+    return SoftwareTx(sock, session.version, session.suite.cipher, session.tx)

@@ -1,0 +1,835 @@
+"""The blocking driver: :class:`TLSSocket`, the socket-like object applications use.
+
+It moves bytes and nothing else: the handshake is :mod:`ktls.handoff` and
+:mod:`ktls.handshake`, the rules after it are :class:`ktls.core.Connection`, the
+records are the engines'.  What this module adds is waiting, threads and files:
+
+* Timeouts.  With no timeout the socket blocks in the kernel.  With a timeout (or in
+  non-blocking mode) the socket is non-blocking underneath and every call is tried
+  first and waited for (``poll``) only after EAGAIN, against one deadline per call.
+  Trying first matters: the kernel does not always report a record it already holds
+  as readable (after a KeyUpdate, for instance), so waiting first could wait for
+  nothing.
+* Threads.  One thread may read while another writes.  The reader never waits for the
+  sending side: what it owes the peer (a KeyUpdate answer, a no_renegotiation
+  warning) goes out at once only if the sending side is free and the socket takes it
+  without blocking, else before the writer's next record.  The core's state is
+  guarded by a lock that is never held while waiting for I/O.
+* Files.  ``makefile()`` files keep the connection open after ``close()``, as with
+  ``socket`` and ``ssl`` (http.client relies on it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import io
+import os
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn, TypeVar
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from OpenSSL import SSL
+
+from . import handoff
+from .core import Connection, Data, Event, Failed, RxKeys, SendRecord
+from .errors import (
+    BrokenError,
+    ClosedError,
+    HandshakeError,
+    KernelUnsupported,
+    KTLSError,
+    ProtocolViolation,
+    RekeyUnsupported,
+    SoftwareUnsupported,
+    TruncatedStream,
+)
+from .handshake import TicketSink
+from .session import Role, Session
+from .wire import AlertDescription, ProtocolVersion
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+    from .engine import RxEngine, TxEngine
+    from .linux import CryptoInfo
+
+__all__ = ["TLSSocket"]
+
+_T = TypeVar("_T")
+_RECV_DEFAULT = 1 << 16
+# What close() takes in from the peer, without waiting, before it closes (tickets, a
+# close_notify, data nobody will read): unread bytes would make the kernel reset the
+# connection, and the peer lose what it has not read yet.
+_DRAIN_LIMIT = 1 << 22
+
+
+class TLSSocket:
+    """A TLS connection whose records are protected by the kernel or in software.
+
+    Made by :class:`ktls.ClientContext` / :class:`ktls.ServerContext`; modelled on
+    ``ssl.SSLSocket``.  ``tx_engine`` / ``rx_engine`` tell which engine carries each
+    direction ("kernel" or "software").
+    """
+
+    #: Seconds close() may wait for close_notify to leave (the peer may not be reading).
+    close_timeout: float = 1.0
+
+    def __init__(self, handshake: handoff.Handshake, *, handshake_timeout: float | None) -> None:
+        self._sock = handshake.sock
+        self._pending: handoff.Handshake | None = handshake
+        self._handshake_timeout = handshake_timeout
+        self._handshake_failure: KTLSError | None = None
+        self._conn = handshake.conn
+        self._timeout = self._sock.gettimeout()
+        self._core: Connection | None = None
+        self._tx: TxEngine | None = None
+        self._rx: RxEngine | None = None
+        self._unread = bytearray()  # application data read but not yet returned
+        self._lock = threading.Lock()  # the core's state; never held while waiting
+        self._rx_lock = threading.Lock()  # one reader at a time
+        self._tx_lock = threading.Lock()  # one writer at a time
+        self._handshake_lock = threading.Lock()
+        self._closed = False
+        self._io_refs = 0  # makefile() files still open
+
+    # -- the handshake -----------------------------------------------------------------------
+
+    def do_handshake(self) -> None:
+        """Run the handshake now (it also runs on first I/O when it was not done yet).
+
+        Bounded by the context's ``handshake_timeout``; raises HandshakeError."""
+        self._established()
+
+    def _established(self) -> Connection:
+        core = self._core
+        if core is not None:
+            return core
+        with self._handshake_lock:
+            if self._core is not None:
+                return self._core
+            if self._closed:
+                raise ClosedError("the TLS connection is closed")
+            if self._handshake_failure is not None:
+                raise BrokenError(f"the handshake failed: {self._handshake_failure}") from (
+                    self._handshake_failure
+                )
+            pending = self._pending
+            assert pending is not None
+            try:
+                self._core = self._run_handshake(pending)
+            except KTLSError as exc:
+                self._handshake_failure = exc
+                with contextlib.suppress(OSError):
+                    self._sock.shutdown(socket.SHUT_RDWR)
+                raise
+            self._pending = None
+            return self._core
+
+    def _run_handshake(self, pending: handoff.Handshake) -> Connection:
+        timeout = self._handshake_timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._sock.setblocking(deadline is None)
+        try:
+            try:
+                self._pump(pending, deadline)
+            except TimeoutError as exc:
+                raise HandshakeError(
+                    f"the handshake timed out after {timeout:g} s (handshake_timeout)"
+                ) from exc
+            except OSError as exc:
+                raise HandshakeError(f"connection failed during the handshake: {exc}") from exc
+            try:
+                self._tx, self._rx = handoff.install(pending)
+            except (KernelUnsupported, SoftwareUnsupported):
+                if pending.abort_engine is not None:
+                    self._flush_bounded(pending.abort_engine, self.close_timeout)
+                raise
+        finally:
+            self.settimeout(self._timeout)
+        session = pending.driver.session
+        tickets = None
+        if session.version is ProtocolVersion.TLS1_3 and session.role is Role.CLIENT:
+            tickets = TicketSink(pending.conn, session)
+        return Connection(session, tickets=tickets)
+
+    def _pump(self, pending: handoff.Handshake, deadline: float | None) -> None:
+        """The blocking pump: read what the driver wants, send what it gives."""
+        driver = pending.driver
+        self._send_raw(driver.data_to_send(), deadline)
+        while not driver.done:
+            wanted = driver.bytes_wanted()
+            data = self._wait_for(functools.partial(self._sock.recv, wanted), False, deadline)
+            if not data:
+                raise HandshakeError("the peer closed the connection during the handshake")
+            try:
+                driver.receive(data)
+            except HandshakeError:
+                with contextlib.suppress(OSError):  # the alert OpenSSL owes the peer
+                    self._send_raw(driver.data_to_send(), time.monotonic() + self.close_timeout)
+                raise
+            self._send_raw(driver.data_to_send(), deadline)
+
+    def _send_raw(self, data: bytes, deadline: float | None) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[self._wait_for(functools.partial(self._sock.send, view), True, deadline) :]
+
+    # -- waiting ------------------------------------------------------------------------------
+
+    def _deadline(self) -> float | None:
+        timeout = self._timeout
+        return None if timeout is None else time.monotonic() + timeout
+
+    def _wait_for(self, attempt: Callable[[], _T], writing: bool, deadline: float | None) -> _T:
+        """Try ``attempt``; after EAGAIN wait for the fd until ``deadline`` and retry.
+
+        With no deadline the socket is blocking and the attempt waits in the kernel.
+        """
+        while True:
+            try:
+                return attempt()
+            except BlockingIOError:
+                if deadline is None:
+                    raise
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError("timed out") from None
+                self._wait_fd(writing, remaining)
+
+    def _wait_fd(self, writing: bool, timeout: float) -> None:
+        poller = select.poll()
+        poller.register(self._sock.fileno(), select.POLLOUT if writing else select.POLLIN)
+        poller.poll(max(1, int(timeout * 1000 + 0.999)))
+
+    def _flush_bounded(self, tx: TxEngine, timeout: float) -> bool:
+        """Push what ``tx`` holds without blocking the caller beyond ``timeout``;
+        whether it all went.  The sending side must be held (or not shared yet)."""
+        deadline = time.monotonic() + timeout
+        try:
+            self._wait_for(lambda: tx.flush(socket.MSG_DONTWAIT), True, deadline)
+        except (OSError, KTLSError):
+            return False
+        return True
+
+    # -- what was negotiated -----------------------------------------------------------------
+
+    def _session(self) -> Session | None:
+        core = self._core
+        return None if core is None else core.session
+
+    @property
+    def tx_engine(self) -> str | None:
+        """Who protects the records we send: "kernel" or "software" (None before the
+        handshake)."""
+        return None if self._tx is None else self._tx.name
+
+    @property
+    def rx_engine(self) -> str | None:
+        """Who opens the records we receive: "kernel" or "software"."""
+        return None if self._rx is None else self._rx.name
+
+    @property
+    def tls_session(self) -> Session:
+        """The hand-off value (version, suite, keys as installed)."""
+        session = self._session()
+        if session is None:
+            raise ValueError("the handshake has not been done yet")
+        return session
+
+    def kernel_crypto_info(self, direction: str) -> CryptoInfo | None:
+        """``getsockopt`` read-back of the kernel's state for "tx" or "rx" (live
+        ``rec_seq``, and keys); None when that direction runs on the software engine."""
+        if direction not in ("tx", "rx"):
+            raise ValueError(f"direction must be 'tx' or 'rx', not {direction!r}")
+        engine = self._tx if direction == "tx" else self._rx
+        if engine is None:
+            raise ValueError("the handshake has not been done yet")
+        return engine.crypto_info()
+
+    def version(self) -> str | None:
+        session = self._session()
+        return None if session is None else session.version.label
+
+    def cipher(self) -> tuple[str, str, int] | None:
+        session = self._session()
+        if session is None:
+            return None
+        suite = session.suite
+        return suite.openssl_name, session.version.label, suite.cipher.key_len * 8
+
+    def selected_alpn_protocol(self) -> str | None:
+        session = self._session()
+        return None if session is None else session.alpn
+
+    @property
+    def server_hostname(self) -> str | None:
+        session = self._session()
+        return None if session is None else session.server_name
+
+    @property
+    def session(self) -> SSL.Session | None:
+        """OpenSSL session to resume with (``ClientContext.connect(..., session=)``).
+
+        For TLS 1.3 it holds a ticket once one has arrived, i.e. after some reading.
+        """
+        return self._conn.get_session()
+
+    @property
+    def session_reused(self) -> bool:
+        session = self._session()
+        return session is not None and session.resumed
+
+    @property
+    def peer_certificate(self) -> x509.Certificate | None:
+        if self._core is None:
+            return None
+        return self._conn.get_peer_certificate(as_cryptography=True)
+
+    def getpeercert(self, binary_form: bool = False) -> dict[str, Any] | bytes | None:
+        """The peer's certificate: DER bytes, or a dict shaped like ``ssl``'s."""
+        cert = self.peer_certificate
+        if cert is None:
+            return None
+        if binary_form:
+            return cert.public_bytes(Encoding.DER)
+        return _cert_dict(cert)
+
+    # -- plain socket things -----------------------------------------------------------------
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def settimeout(self, timeout: float | None) -> None:
+        """Like ``socket.settimeout``; a timeout (or 0.0) makes the fd non-blocking."""
+        if timeout is not None and timeout < 0:
+            raise ValueError("Timeout value out of range")
+        self._timeout = timeout
+        self._sock.setblocking(timeout is None)
+
+    def gettimeout(self) -> float | None:
+        return self._timeout
+
+    def setblocking(self, flag: bool) -> None:
+        self.settimeout(None if flag else 0.0)
+
+    def getpeername(self) -> Any:
+        """The peer's address, as ``socket.getpeername``."""
+        return self._sock.getpeername()
+
+    def getsockname(self) -> Any:
+        """Our address, as ``socket.getsockname``."""
+        return self._sock.getsockname()
+
+    @property
+    def socket(self) -> socket.socket:
+        """The underlying TCP socket (its records are TLS: don't read or write it)."""
+        return self._sock
+
+    def __enter__(self) -> TLSSocket:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        core = self._core
+        if self._closed:
+            state = "closed"
+        elif core is None:
+            state = "handshake pending" if self._handshake_failure is None else "broken"
+        else:
+            state = "broken" if core.failure else "open"
+        if core is None:
+            return f"<TLSSocket {state}>"
+        return (
+            f"<TLSSocket {state} {core.session.version.label} "
+            f"{core.session.suite.openssl_name} tx={self.tx_engine} rx={self.rx_engine}>"
+        )
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        """Up to ``bufsize`` bytes of application data; b"" after close_notify."""
+        if flags:
+            raise ValueError("flags are not supported on a TLS socket")
+        if bufsize < 0:
+            raise ValueError("negative buffersize in recv")
+        return self._read(bufsize)
+
+    def recv_into(self, buffer: Buffer, nbytes: int = 0, flags: int = 0) -> int:
+        if flags:
+            raise ValueError("flags are not supported on a TLS socket")
+        view = memoryview(buffer).cast("B")
+        if nbytes < 0:
+            raise ValueError("negative buffersize in recv_into")
+        if nbytes > len(view):  # checked before reading, so nothing read is lost
+            raise ValueError("buffer too small for requested bytes")
+        data = self._read(nbytes or len(view))
+        view[: len(data)] = data
+        return len(data)
+
+    def pending(self) -> int:
+        """Bytes of application data ``recv`` can return without waiting: check this
+        before waiting on the fd with select().  Control records that are already
+        there (tickets, KeyUpdates) are taken in here, not counted: on Linux 7.x the
+        fd does not even show them as readable."""
+        core, rx = self._core, self._rx
+        if self._unread or core is None or rx is None:
+            return len(self._unread)
+        if not self._rx_lock.acquire(blocking=False):
+            return 0  # another thread is reading
+        try:
+            while not self._unread and core.takes_data:
+                ready = rx.ready()
+                if ready is not None:
+                    return ready
+                self._read_step(core, rx, _RECV_DEFAULT, None)
+        except (KTLSError, OSError):
+            return 0  # the next recv reports it
+        finally:
+            self._rx_lock.release()
+        return len(self._unread)
+
+    def _read(self, bufsize: int) -> bytes:
+        core = self._established()
+        rx = self._rx
+        assert rx is not None
+        with self._rx_lock:
+            deadline = self._deadline()
+            while True:
+                if self._unread:
+                    data = bytes(self._unread[:bufsize])
+                    del self._unread[:bufsize]
+                    return data
+                self._check_open()
+                with self._lock:
+                    core.check_usable()
+                    if core.peer_closed:
+                        return b""
+                if not bufsize:
+                    return b""
+                self._read_step(core, rx, bufsize, deadline)
+
+    def _read_step(
+        self, core: Connection, rx: RxEngine, bufsize: int, deadline: float | None
+    ) -> None:
+        """One record (or run of data) from the engine through the core."""
+        events: list[Event]
+        try:
+            record = self._wait_for(lambda: rx.read(bufsize), False, deadline)
+        except ProtocolViolation as exc:
+            with self._lock:
+                events = [core.receive_error(exc)]
+        except OSError as exc:
+            if isinstance(exc, (TimeoutError, BlockingIOError)):
+                raise
+            with self._lock:
+                events = [core.receive_error(_read_failure(exc))]
+        else:
+            with self._lock:
+                events = core.receive_eof() if record is None else core.receive_record(*record)
+        for event in events:
+            if isinstance(event, Data):
+                self._unread += event.data
+            elif isinstance(event, RxKeys):
+                try:
+                    rx.rekey(event.keys)
+                except KernelUnsupported as exc:
+                    # We cannot read what follows: end politely rather than hang or misread.
+                    with self._lock:
+                        failed = core.fail(exc, AlertDescription.CLOSE_NOTIFY)
+                    self._broken(core, failed)
+            elif isinstance(event, Failed):
+                self._broken(core, event)
+            # PeerClosed: the core knows; the next read returns b"".
+        if core.has_output:
+            self._answer_without_waiting(core)
+
+    def _answer_without_waiting(self, core: Connection) -> None:
+        """Send what the reader owes the peer, only if that needs no waiting at all."""
+        if not self._tx_lock.acquire(blocking=False):
+            return  # the writer sends it before its next record
+        try:
+            tx = self._move_output(core)
+            try:
+                tx.flush(socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                pass  # queued in the engine, before any later data
+            except (OSError, KTLSError) as exc:
+                # Sticky, but not raised here: this read's data is good and is returned.
+                with self._lock:
+                    core.fail(_send_failure(exc))
+        finally:
+            self._tx_lock.release()
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def _move_output(self, core: Connection) -> TxEngine:
+        """Hand what the core wants sent to the sending engine (caller holds _tx_lock)."""
+        tx = self._tx
+        assert tx is not None
+        with self._lock:
+            output = core.take_output()
+        for item in output:
+            if isinstance(item, SendRecord):
+                tx.queue_record(item.content_type, item.payload)
+            else:
+                tx.queue_keys(item.keys)
+        return tx
+
+    def _sending(self, core: Connection) -> TxEngine:
+        self._check_open()
+        with self._lock:
+            core.check_can_send()
+        return self._move_output(core)
+
+    def send(self, data: Buffer, flags: int = 0) -> int:
+        """Send some of ``data``; return how much was taken.
+
+        On a non-blocking socket a BlockingIOError (or, with a timeout, TimeoutError)
+        may come after the software engine sealed ``data`` in part: as with ``ssl``,
+        call again with the same data and the call returns what had been taken."""
+        if flags:
+            raise ValueError("flags are not supported on a TLS socket")
+        core = self._established()
+        view = memoryview(data).cast("B")
+        with self._tx_lock:
+            tx = self._sending(core)
+            return self._send_some(core, tx, view, self._deadline())
+
+    def sendall(self, data: Buffer, flags: int = 0) -> None:
+        """Send all of ``data``; a timeout bounds the whole call."""
+        if flags:
+            raise ValueError("flags are not supported on a TLS socket")
+        core = self._established()
+        view = memoryview(data).cast("B")
+        with self._tx_lock:
+            tx = self._sending(core)
+            deadline = self._deadline()
+            while view:
+                view = view[self._send_some(core, tx, view, deadline) :]
+
+    def _send_some(
+        self, core: Connection, tx: TxEngine, view: memoryview, deadline: float | None
+    ) -> int:
+        try:
+            return self._wait_for(lambda: tx.send_data(view), True, deadline)
+        except (TimeoutError, BlockingIOError):
+            raise
+        except (OSError, KernelUnsupported) as exc:
+            self._send_broken(core, exc)
+
+    def _send_broken(self, core: Connection, exc: BaseException) -> NoReturn:
+        """A send failed: the connection is broken for good (caller holds _tx_lock)."""
+        with self._lock:
+            failed = core.fail(_send_failure(exc))
+        self._broken(core, failed, locked=True)
+
+    def sendfile(self, file: BinaryIO, offset: int = 0, count: int | None = None) -> int:
+        """Send a file; on the kernel engine with ``sendfile(2)``: the file's pages go to
+        the kernel with no copy into Python, and the kernel builds the records.
+
+        Like ``socket.sendfile``: returns the bytes sent and leaves the file position
+        after the last byte sent.  A timeout bounds each wait, not the whole call.
+        """
+        core = self._established()
+        try:
+            file_fd = file.fileno()
+        except (AttributeError, io.UnsupportedOperation):
+            return self._sendfile_by_reading(file, offset, count)
+        if count is None:
+            count = max(0, os.fstat(file_fd).st_size - offset)
+        sent = 0
+        with self._tx_lock:
+            tx = self._sending(core)
+            while sent < count:
+                position = offset + sent
+                try:
+                    chunk = self._wait_for(
+                        functools.partial(tx.sendfile, file_fd, position, count - sent),
+                        True,
+                        self._deadline(),
+                    )
+                except (TimeoutError, BlockingIOError):
+                    file.seek(offset + sent)
+                    raise
+                except (OSError, KernelUnsupported) as exc:
+                    self._send_broken(core, exc)
+                if not chunk:
+                    break  # end of file
+                sent += chunk
+        file.seek(offset + sent)
+        return sent
+
+    def _sendfile_by_reading(self, file: BinaryIO, offset: int, count: int | None) -> int:
+        file.seek(offset)
+        sent = 0
+        while count is None or sent < count:
+            want = 1 << 18 if count is None else min(1 << 18, count - sent)
+            chunk = file.read(want)
+            if not chunk:
+                break
+            self.sendall(chunk)
+            sent += len(chunk)
+        return sent
+
+    def key_update(self, request_peer: bool = True) -> None:
+        """Start a TLS 1.3 KeyUpdate: new keys for what we send from now on.
+
+        With ``request_peer`` the peer is asked to update its keys too (it answers
+        with its own KeyUpdate, handled on a later read).  Raises RekeyUnsupported
+        *before* sending anything when an engine cannot change keys.  On a
+        non-blocking socket the KeyUpdate may wait until the next send.
+        """
+        core = self._established()
+        if core.session.version is not ProtocolVersion.TLS1_3:
+            raise ValueError("KeyUpdate exists only in TLS 1.3")
+        with self._tx_lock:
+            self._check_open()
+            with self._lock:
+                core.check_can_send()
+            tx, rx = self._tx, self._rx
+            assert tx is not None
+            assert rx is not None
+            refusal = tx.rekey_refusal() or rx.rekey_refusal()
+            if refusal is not None:
+                raise RekeyUnsupported(
+                    f"this kernel cannot change TLS keys (KeyUpdate needs Linux >= 6.14): {refusal}"
+                )
+            with self._lock:
+                core.start_key_update(request_peer)
+            self._move_output(core)
+            try:
+                self._wait_for(tx.flush, True, self._deadline())
+            except (TimeoutError, BlockingIOError):
+                pass  # queued: it goes out before any later data
+            except (OSError, KTLSError) as exc:
+                self._send_broken(core, exc)
+
+    # -- closing and failing -----------------------------------------------------------------
+
+    def shutdown(self, how: int) -> None:
+        """Like ``socket.shutdown``; SHUT_WR and SHUT_RDWR send close_notify first.
+
+        On a non-blocking socket BlockingIOError means close_notify is still queued:
+        call again."""
+        if how in (socket.SHUT_WR, socket.SHUT_RDWR) and self._pending is None:
+            core = self._established()
+            with self._tx_lock:
+                self._check_open()
+                with self._lock:
+                    core.send_close_notify()
+                tx = self._move_output(core)
+                try:
+                    self._wait_for(tx.flush, True, self._deadline())
+                except (TimeoutError, BlockingIOError):
+                    raise
+                except (OSError, KTLSError):
+                    pass  # the peer is gone; nothing left to tell it
+        self._sock.shutdown(how)
+
+    def close(self) -> None:
+        """Take in what the peer already sent (without waiting), send close_notify when
+        the connection is healthy (waiting at most ``close_timeout`` for it to leave),
+        and close the socket.  Files from ``makefile()`` keep it open until they close."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._io_refs <= 0:
+            self._real_close()
+
+    def _real_close(self) -> None:
+        core = self._core
+        if core is not None and self._sock.fileno() >= 0:
+            self._take_in_quietly(core)
+            with self._lock:
+                due = core.send_close_notify() or core.has_output
+            if due and self._tx_lock.acquire(timeout=self.close_timeout):
+                try:
+                    self._flush_bounded(self._move_output(core), self.close_timeout)
+                finally:
+                    self._tx_lock.release()
+        self._sock.close()
+
+    def _take_in_quietly(self, core: Connection) -> None:
+        """Read, without waiting, what the peer already sent: tickets and close_notify
+        go through the core; data is dropped.  Unread bytes at close() would make the
+        kernel send a reset, and the peer lose data it has not read yet."""
+        rx = self._rx
+        if rx is None or not self._rx_lock.acquire(blocking=False):
+            return
+        taken = 0
+        try:
+            while taken < _DRAIN_LIMIT and core.failure is None and not core.peer_closed:
+                record = rx.read(_RECV_DEFAULT, socket.MSG_DONTWAIT)
+                if record is None:
+                    break
+                with self._lock:
+                    events = core.receive_record(*record)
+                for event in events:
+                    if isinstance(event, RxKeys):
+                        rx.rekey(event.keys)
+                taken += len(record[1])
+        except (OSError, KTLSError):
+            pass  # nothing more to take in
+        finally:
+            self._unread.clear()
+            self._rx_lock.release()
+
+    def _check_open(self) -> None:
+        if self._closed and self._io_refs <= 0:
+            raise ClosedError("the TLS connection is closed")
+
+    def _broken(self, core: Connection, failed: Failed, *, locked: bool = False) -> NoReturn:
+        """Tell the peer why (the alert the core queued, if the sending side lets us
+        within close_timeout), shut the socket down, and raise the failure."""
+        acquired = locked or self._tx_lock.acquire(timeout=self.close_timeout)
+        try:
+            if acquired and self._tx is not None:
+                self._flush_bounded(self._move_output(core), self.close_timeout)
+        finally:
+            if acquired and not locked:
+                self._tx_lock.release()
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        raise failed.error
+
+    # -- file objects ------------------------------------------------------------------------
+
+    def makefile(
+        self,
+        mode: str = "r",
+        buffering: int | None = None,
+        *,
+        encoding: str | None = None,
+        errors: str | None = None,
+        newline: str | None = None,
+    ) -> Any:
+        """A file object reading/writing application data, like ``socket.makefile``.
+
+        The connection stays open until the socket and every such file are closed."""
+        if not set(mode) <= {"r", "w", "b"}:
+            raise ValueError(f"invalid mode {mode!r} (only r, w, b)")
+        reading, writing = "r" in mode, "w" in mode
+        raw = _RawTLS(self, reading, writing)
+        self._io_refs += 1
+        if buffering is None:
+            buffering = -1
+        if buffering < 0:
+            buffering = io.DEFAULT_BUFFER_SIZE
+        if buffering == 0:
+            if "b" not in mode:
+                raise ValueError("unbuffered streams must be binary")
+            return raw
+        buffer: io.BufferedIOBase
+        if reading and writing:
+            buffer = io.BufferedRWPair(raw, raw, buffering)
+        elif reading:
+            buffer = io.BufferedReader(raw, buffering)
+        else:
+            buffer = io.BufferedWriter(raw, buffering)
+        if "b" in mode:
+            return buffer
+        return io.TextIOWrapper(buffer, encoding, errors, newline)
+
+    def _file_closed(self) -> None:
+        self._io_refs -= 1
+        if self._closed and self._io_refs <= 0:
+            self._real_close()
+
+
+def _read_failure(exc: OSError) -> KTLSError:
+    """What an OS error while reading means for the connection."""
+    if isinstance(exc, BrokenPipeError):
+        # The kernel's TLS receive path reports the RST that follows a peer's bare FIN
+        # (once we have sent to its closed socket) before the end of the stream, where
+        # plain TCP reports the end first: either way the peer stopped without
+        # close_notify.
+        error: KTLSError = TruncatedStream()
+    else:
+        error = BrokenError(f"connection failed while reading: {exc}")
+    error.__cause__ = exc
+    return error
+
+
+def _send_failure(exc: BaseException) -> KTLSError:
+    """The one place that says what a failed send means."""
+    if isinstance(exc, KTLSError):
+        return exc
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    if isinstance(exc, OSError) and exc.errno in (errno.EPIPE, errno.ECONNRESET):
+        reason = f"the peer is gone ({reason})"
+    error = BrokenError(f"connection failed while sending: {reason}")
+    error.__cause__ = exc
+    return error
+
+
+class _RawTLS(io.RawIOBase):
+    def __init__(self, tls: TLSSocket, reading: bool, writing: bool) -> None:
+        super().__init__()
+        self._tls = tls
+        self._reading = reading
+        self._writing = writing
+
+    def readable(self) -> bool:
+        return self._reading
+
+    def writable(self) -> bool:
+        return self._writing
+
+    def readinto(self, buffer: Buffer) -> int:
+        return self._tls.recv_into(buffer)
+
+    def write(self, data: Buffer) -> int:
+        return self._tls.send(data)
+
+    def fileno(self) -> int:
+        return self._tls.fileno()
+
+    def close(self) -> None:
+        if not self.closed:
+            super().close()
+            self._tls._file_closed()
+
+
+def _cert_dict(cert: x509.Certificate) -> dict[str, Any]:
+    def name(n: x509.Name) -> tuple[tuple[tuple[str, str], ...], ...]:
+        return tuple(tuple((attr.oid._name, str(attr.value)) for attr in rdn) for rdn in n.rdns)
+
+    result: dict[str, Any] = {
+        "subject": name(cert.subject),
+        "issuer": name(cert.issuer),
+        "version": cert.version.value + 1,
+        "serialNumber": f"{cert.serial_number:X}",
+        "notBefore": cert.not_valid_before_utc.strftime("%b %d %H:%M:%S %Y GMT"),
+        "notAfter": cert.not_valid_after_utc.strftime("%b %d %H:%M:%S %Y GMT"),
+    }
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return result
+    entries: list[tuple[str, Any]] = []
+    for general_name in san:  # in the certificate's order, with ssl's labels
+        if isinstance(general_name, x509.DNSName):
+            entries.append(("DNS", general_name.value))
+        elif isinstance(general_name, x509.IPAddress):
+            entries.append(("IP Address", str(general_name.value)))
+        elif isinstance(general_name, x509.RFC822Name):
+            entries.append(("email", general_name.value))
+        elif isinstance(general_name, x509.UniformResourceIdentifier):
+            entries.append(("URI", general_name.value))
+        elif isinstance(general_name, x509.DirectoryName):
+            entries.append(("DirName", name(general_name.value)))
+        elif isinstance(general_name, x509.RegisteredID):
+            entries.append(("Registered ID", general_name.value.dotted_string))
+        else:
+            entries.append(("othername", "<unsupported>"))
+    result["subjectAltName"] = tuple(entries)
+    return result
