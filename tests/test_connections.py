@@ -109,7 +109,7 @@ def test_client_exchanges_data(
             tls = context.connect(address, server_hostname="localhost")
             assert_engine(tls, engine)
             assert tls.version() == version
-            assert tls.cipher()[0] == suite_name(version, cipher)
+            assert tls.tls_session.suite.openssl_name == suite_name(version, cipher)
             payload = _payload()
             for i in range(0, len(payload), CHUNK):
                 tls.sendall(payload[i : i + CHUNK])
@@ -158,7 +158,7 @@ def test_server_exchanges_data(
             thread = run_in_thread(python_client)
             tls, _ = listener.accept()
             assert_engine(tls, engine)
-            assert tls.cipher()[0] == suite_name(version, cipher)
+            assert tls.tls_session.suite.openssl_name == suite_name(version, cipher)
             while data := tls.recv(65536):
                 tls.sendall(data)
             tls.close()

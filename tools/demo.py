@@ -35,7 +35,7 @@ def serve_file(listener: ktls.TLSListener, path: Path, count: int) -> None:
                 request += chunk
             line = request.split(b"\r\n", 1)[0].decode(errors="replace")
             print(
-                f"  server: {line!r} over {tls.version()} {tls.cipher()[0]} "
+                f"  server: {line!r} over {tls.version()} {tls.tls_session.suite.openssl_name} "
                 f"tx={tls.tx_engine} rx={tls.rx_engine}"
             )
             tls.sendall(
