@@ -93,6 +93,14 @@ def assert_engine(tls: object, engine: str) -> None:
     assert (tx, rx) == (engine, engine), f"expected {engine} both ways, got tx={tx} rx={rx}"
 
 
+def rekey_expected(engine: str) -> bool:
+    """Whether ``engine`` can change TLS 1.3 keys here (the kernel needs Linux >= 6.14)."""
+    if engine == "software":
+        return True
+    major, minor = (int(x) for x in os.uname().release.split(".")[:2])
+    return (major, minor) >= (6, 14)
+
+
 def data_path(tmp_path: Path, size: int) -> Path:
     path = tmp_path / f"data-{size}"
     path.write_bytes(os.urandom(size))

@@ -18,7 +18,7 @@ import pytest
 import ktls
 from ktls import AlertDescription
 
-from .conftest import assert_engine
+from .conftest import assert_engine, rekey_expected
 from .peers import (
     Certs,
     TamperingRelay,
@@ -458,13 +458,6 @@ def test_peer_alert_after_tampering_toward_peer(certs: Certs, engine: str) -> No
 # -- KeyUpdate -----------------------------------------------------------------------------
 
 
-def _rekey_expected(engine: str) -> bool:
-    if engine == "software":
-        return True
-    major, minor = (int(x) for x in os.uname().release.split(".")[:2])
-    return (major, minor) >= (6, 14)
-
-
 def test_key_update_started_by_us(certs: Certs, engine: str) -> None:
     def serve(conn: ssl.SSLSocket) -> int:
         return echo_until_close(conn)
@@ -475,7 +468,7 @@ def test_key_update_started_by_us(certs: Certs, engine: str) -> None:
         assert_engine(tls, engine)
         tls.sendall(b"before")
         assert _recv_exactly(tls, 6) == b"before"
-        if not _rekey_expected(engine):
+        if not rekey_expected(engine):
             with pytest.raises(ktls.RekeyUnsupported, match=r"6\.14"):
                 tls.key_update()
             # Nothing was sent: the connection still works.
@@ -484,14 +477,14 @@ def test_key_update_started_by_us(certs: Certs, engine: str) -> None:
             assert tls.tls_session.tx.generation == 0  # the session value is the hand-off
         tls.sendall(b"after")
         assert _recv_exactly(tls, 5) == b"after"
-        if _rekey_expected(engine):
+        if rekey_expected(engine):
             tls.key_update(request_peer=False)
             tls.sendall(b"again")
             assert _recv_exactly(tls, 5) == b"again"
         tls.shutdown(socket.SHUT_WR)
         assert tls.recv(10) == b""
         tls.close()
-        assert peer.join() == (16 if _rekey_expected(engine) else 11)
+        assert peer.join() == (16 if rekey_expected(engine) else 11)
 
 
 def test_key_update_started_by_peer(certs: Certs, engine: str) -> None:
@@ -502,7 +495,7 @@ def test_key_update_started_by_peer(certs: Certs, engine: str) -> None:
         proc.write(b"K\n")  # s_server: KeyUpdate, update_requested
         time.sleep(1)  # s_server must read "K" alone (its output is buffered: no signal)
         proc.write(b"under the new key\n")
-        if _rekey_expected(engine):
+        if rekey_expected(engine):
             assert _recv_exactly(tls, 18) == b"under the new key\n"
             tls.sendall(b"reply under our new key\n")
             proc.wait_for(rb"reply under our new key")
@@ -525,7 +518,7 @@ def test_key_update_started_by_peer_to_our_server(certs: Certs, engine: str) -> 
             proc.write(b"K\n")  # s_client: KeyUpdate, update_requested
             time.sleep(1)
             proc.write(b"under the new key\n")
-            if _rekey_expected(engine):
+            if rekey_expected(engine):
                 assert _recv_exactly(tls, 18) == b"under the new key\n"
                 tls.sendall(b"server reply under its new key\n")
                 proc.wait_for(rb"server reply under its new key")

@@ -4,13 +4,21 @@ No real TLS library sends malformed records, so the peer here is ktls's own serv
 the software engine, which after an honest handshake writes forged records straight to
 the TCP socket, protected with its real keys.  The engine under test must refuse each
 with the alert the RFCs name, never return a byte of it, and tell the peer why: the
-server reads our alert back through its own engine.
+server reads our alert back through its own engine.  The second half sends legal but
+unusual sequences (KeyUpdates split over records or right behind data, requests after
+our close_notify, tickets where select() can't see them) that must simply work.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import os
+import select
 import socket
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import pytest
@@ -19,10 +27,12 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 import ktls
 from ktls import AlertDescription as A
 from ktls import TrafficKeys
-from ktls.records import encode_handshake
+from ktls.records import encode_handshake, encode_key_update
+from ktls.session import next_generation
+from ktls.wire import ContentType, HandshakeType, KeyUpdateRequest
 
-from .conftest import assert_engine
-from .peers import Certs, run_in_thread
+from .conftest import assert_engine, rekey_expected
+from .peers import Certs, ThreadPeer, python_ssl_context, run_in_thread
 
 
 def _nonce(iv: bytes, seq: int) -> bytes:
@@ -85,6 +95,13 @@ CASES = {
         lambda k: seal13(k, encode_handshake(24, b"\x00") + b"\x04\x00" + b"\x16"),
         UNEXPECTED,
         UNEXPECTED,
+    ),
+    # RFC 8446 5.1: a zero-length alert record is unexpected_message, not decode_error
+    "empty-alert-record": Case(lambda k: seal13(k, b"\x15"), UNEXPECTED, UNEXPECTED),
+    # A plaintext ChangeCipherSpec after the TLS 1.3 handshake (RFC 8446 5: only before
+    # the peer's Finished).  The kernel tries to decrypt it: bad_record_mac.
+    "plaintext-change-cipher-spec": Case(
+        lambda k: b"\x14\x03\x03\x00\x01\x01", UNEXPECTED, MAC
     ),
 }  # fmt: skip
 
@@ -200,3 +217,370 @@ def test_odd_but_legal_records_are_accepted(certs: Certs, engine: str, case: str
         tls.sendall(b"fine")
         tls.close()
         assert peer.join() == b"fine"
+
+
+# -- legal but unusual sequences --------------------------------------------------------------
+
+KU_REQUESTED = encode_key_update(KeyUpdateRequest.UPDATE_REQUESTED)
+KU_NOT_REQUESTED = encode_key_update(KeyUpdateRequest.UPDATE_NOT_REQUESTED)
+DATA, HANDSHAKE = ContentType.APPLICATION_DATA, ContentType.HANDSHAKE
+# A NewSessionTicket that OpenSSL accepts: lifetime 300 s, age_add, nonce, ticket, no
+# extensions.  age_add starts with 0x18, the KeyUpdate type byte, on purpose.
+TICKET = encode_handshake(
+    HandshakeType.NEW_SESSION_TICKET,
+    (300).to_bytes(4, "big") + b"\x18\x01\x02\x03" + b"\x01\x00" + b"\x00\x20" + bytes(32)
+    + b"\x00\x00",
+)  # fmt: skip
+
+Record = tuple[ContentType, bytes]
+SUITE_FOR = {"TLSv1.3": "TLS_AES_128_GCM_SHA256", "TLSv1.2": "ECDHE-RSA-AES128-GCM-SHA256"}
+
+
+def send_records(tls: ktls.TLSSocket, items: Sequence[Record | str]) -> None:
+    """Write records through ``tls``'s own (software) engine, in ONE socket write:
+    ``"rekey"`` switches to the next generation of send keys without a KeyUpdate of our
+    own, so a forged KeyUpdate can be followed by records under the new key."""
+    tx = tls._tx
+    assert tx is not None
+    keys = tls.tls_session.tx
+    for item in items:
+        if item == "rekey":
+            keys = next_generation(tls.tls_session.suite, keys)
+            tx.queue_keys(keys)
+        else:
+            assert isinstance(item, tuple)
+            tx.queue_record(*item)
+    tx.flush()
+
+
+@contextlib.contextmanager
+def forging_server(
+    certs: Certs, script: Callable[[ktls.TLSSocket], object], version: str = "TLSv1.3"
+) -> Iterator[tuple[tuple[str, int], ThreadPeer]]:
+    """A ktls software-engine server that runs ``script`` on its connection."""
+    server = ktls.ServerContext(
+        certs.server_rsa,
+        minimum_version=version,
+        maximum_version=version,
+        ciphers=[
+            "TLS_AES_128_GCM_SHA256" if version == "TLSv1.3" else "ECDHE-RSA-AES128-GCM-SHA256"
+        ],
+        offload="software",
+    )
+    with server.listen(("127.0.0.1", 0)) as listener:
+
+        def serve() -> object:
+            tls, _ = listener.accept()
+            with tls:
+                return script(tls)
+
+        yield listener.getsockname(), run_in_thread(serve)
+
+
+def _client(certs: Certs, engine: str, version: str = "TLSv1.3") -> ktls.ClientContext:
+    return ktls.ClientContext(
+        cafile=certs.ca,
+        minimum_version=version,
+        maximum_version=version,
+        offload=engine,  # type: ignore[arg-type]
+    )
+
+
+def _recv_exactly(tls: ktls.TLSSocket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = tls.recv(n - len(data))
+        assert chunk, f"stream ended after {data!r}"
+        data += chunk
+    return data
+
+
+@pytest.mark.parametrize("requested", [True, False], ids=["requested", "not-requested"])
+def test_key_update_right_behind_data_with_a_timeout(
+    certs: Certs, engine: str, requested: bool
+) -> None:
+    """Data, KeyUpdate and data under the new key in one write, read by a socket with a
+    timeout.  On Linux 7.x poll() does not show the records the kernel already holds:
+    a read that waited first would wait out the whole timeout."""
+
+    def script(tls: ktls.TLSSocket) -> bytes:
+        assert tls.recv(5) == b"ready"
+        update = KU_REQUESTED if requested else KU_NOT_REQUESTED
+        send_records(tls, [(DATA, b"GET"), (HANDSHAKE, update), "rekey", (DATA, b"POST")])
+        return tls.recv(5)  # our answer, under our next key if asked
+
+    with forging_server(certs, script) as (address, peer):
+        tls = _client(certs, engine).connect(address, server_hostname="localhost")
+        assert_engine(tls, engine)
+        tls.settimeout(3)
+        tls.sendall(b"ready")
+        assert tls.recv(100) == b"GET"
+        if not rekey_expected(engine):
+            with pytest.raises(ktls.RekeyUnsupported):
+                tls.recv(100)
+            tls.close()
+            assert peer.join() == b""  # we ended with close_notify
+            return
+        assert tls.recv(100) == b"POST"  # no TimeoutError: read first, wait after
+        tls.sendall(b"reply")
+        assert tls.tls_session.tx.generation == 0
+        assert peer.join() == b"reply"
+        tls.close()
+
+
+@pytest.mark.parametrize(
+    "fragments",
+    [(2,), (1,), (1, 3)],
+    ids=["18 00 | 00 01 01", "18 | 00 00 01 01", "18 | 00 00 | 01 01"],
+)
+def test_key_update_split_over_records(
+    certs: Certs, engine: str, fragments: tuple[int, ...]
+) -> None:
+    """A handshake message may span records (RFC 8446 5.1), a KeyUpdate too.  The 7.x
+    kernel stops reading at the first fragment (EKEYEXPIRED) as if the key changed."""
+    cuts = [0, *fragments, len(KU_NOT_REQUESTED)]
+    pieces: list[Record | str] = [
+        (HANDSHAKE, KU_NOT_REQUESTED[a:b]) for a, b in itertools.pairwise(cuts)
+    ]
+
+    def script(tls: ktls.TLSSocket) -> bytes:
+        send_records(tls, [(DATA, b"before"), *pieces, "rekey", (DATA, b"after")])
+        return tls.recv(10)
+
+    with forging_server(certs, script) as (address, peer):
+        tls = _client(certs, engine).connect(address, server_hostname="localhost")
+        assert_engine(tls, engine)
+        assert _recv_exactly(tls, 6) == b"before"
+        if not rekey_expected(engine):
+            with pytest.raises(ktls.RekeyUnsupported):
+                tls.recv(100)
+            tls.close()
+            return
+        assert _recv_exactly(tls, 5) == b"after"
+        assert tls.tls_session.rx.generation == 0
+        if engine == "kernel":  # the kernel opens "after" with the new key, at seq 1
+            info = tls.kernel_crypto_info("rx")
+            assert info is not None
+            assert info.rec_seq == 1
+            assert info.key == next_generation(tls.tls_session.suite, tls.tls_session.rx).key
+        tls.sendall(b"ok")
+        assert peer.join() == b"ok"
+        tls.close()
+
+
+def test_ticket_fragment_that_looks_like_a_key_update(certs: Certs, engine: str) -> None:
+    """The second fragment of a ticket starts with 24, the KeyUpdate type: the 7.x
+    kernel flags a key change that is not one; the key must stay."""
+    cut = 8  # the fragment begins with age_add, 0x18...
+    assert TICKET[cut] == HandshakeType.KEY_UPDATE
+
+    def script(tls: ktls.TLSSocket) -> bytes:
+        send_records(
+            tls,
+            [(DATA, b"one"), (HANDSHAKE, TICKET[:cut]), (HANDSHAKE, TICKET[cut:]), (DATA, b"two")],
+        )
+        return tls.recv(10)
+
+    with forging_server(certs, script) as (address, peer):
+        tls = _client(certs, engine).connect(address, server_hostname="localhost")
+        assert _recv_exactly(tls, 6) == b"onetwo"
+        tls.sendall(b"ok")
+        assert peer.join() == b"ok"
+        assert tls.session is not None  # OpenSSL took the ticket
+        tls.close()
+
+
+@pytest.mark.parametrize("version", ["TLSv1.2", "TLSv1.3"])
+def test_requests_after_our_close_notify_are_not_answered(
+    certs: Certs, engine: str, version: str
+) -> None:
+    """After shutdown(SHUT_WR) (what `ktls connect` does at end of stdin) the peer asks
+    for a KeyUpdate (TLS 1.3) or renegotiation (TLS 1.2), then sends the rest: we must
+    send nothing more -- our socket is closed for writing -- and read everything."""
+    request = KU_REQUESTED if version == "TLSv1.3" else encode_handshake(0, b"")
+    rest = os.urandom(100_000)
+
+    def script(tls: ktls.TLSSocket) -> bytes:
+        assert tls.recv(10) == b""  # our close_notify
+        items: list[Record | str] = [(HANDSHAKE, request)]
+        if version == "TLSv1.3":
+            items.append("rekey")
+        send_records(tls, items)
+        tls.sendall(rest)
+        return tls.socket.recv(100)  # what came after our close_notify: nothing
+
+    with forging_server(certs, script, version) as (address, peer):
+        tls = _client(certs, engine, version).connect(address, server_hostname="localhost")
+        assert_engine(tls, engine)
+        tls.shutdown(socket.SHUT_WR)
+        if version == "TLSv1.3" and not rekey_expected(engine):
+            with pytest.raises(ktls.RekeyUnsupported):
+                tls.recv(100)
+            tls.close()
+            peer.join()
+            return
+        assert _recv_exactly(tls, len(rest)) == rest
+        tls.close()
+        assert peer.join() == b""
+
+
+def test_pending_counts_only_application_data(certs: Certs, engine: str) -> None:
+    """A ticket already read into user space (software engine) or hidden from poll
+    (kernel) must not look like data: a select() loop would hang on it."""
+
+    def script(tls: ktls.TLSSocket) -> bytes:
+        send_records(tls, [(DATA, b"x"), (HANDSHAKE, TICKET)])
+        assert tls.recv(4) == b"more"
+        send_records(tls, [(DATA, b"a"), (HANDSHAKE, TICKET), (DATA, b"bc")])
+        return tls.recv(10)
+
+    with forging_server(certs, script) as (address, peer):
+        tls = _client(certs, engine).connect(address, server_hostname="localhost")
+        assert tls.recv(100) == b"x"
+        time.sleep(0.2)  # the ticket has arrived
+        assert tls.pending() == 0
+        assert select.select([tls], [], [], 0.2)[0] == []
+        tls.sendall(b"more")
+        assert tls.recv(100) == b"a"
+        deadline = time.monotonic() + 10
+        while tls.pending() == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert tls.pending() == 2
+        tls.setblocking(False)
+        assert tls.recv(100) == b"bc"  # without waiting
+        tls.setblocking(True)
+        tls.sendall(b"done")
+        assert peer.join() == b"done"
+        tls.close()
+
+
+def test_pending_sees_data_behind_a_key_update(certs: Certs, engine: str) -> None:
+    def script(tls: ktls.TLSSocket) -> bytes:
+        send_records(tls, [(DATA, b"a"), (HANDSHAKE, KU_NOT_REQUESTED), "rekey", (DATA, b"bc")])
+        return tls.recv(10)
+
+    with forging_server(certs, script) as (address, peer):
+        tls = _client(certs, engine).connect(address, server_hostname="localhost")
+        assert tls.recv(100) == b"a"
+        time.sleep(0.2)  # everything has arrived
+        if not rekey_expected(engine):
+            assert tls.pending() == 0  # pending() never raises; the next recv does
+            with pytest.raises(ktls.BrokenError) as info:
+                tls.recv(100)
+            assert isinstance(info.value.__cause__, ktls.RekeyUnsupported)
+            tls.close()
+            assert peer.join() == b""  # we ended with close_notify
+            return
+        assert tls.pending() == 2
+        assert tls.recv(100) == b"bc"
+        tls.sendall(b"done")
+        assert peer.join() == b"done"
+        tls.close()
+
+
+# -- the first record and the first moments --------------------------------------------------
+
+
+class VersionRewritingRelay:
+    """Relays one TCP connection, rewriting the record version of the client's first
+    record (its ClientHello) to 0x0300, as some clients legitimately send it."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.target = target
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self.listener.getsockname()[:2]
+        return host, port
+
+    def _run(self) -> None:
+        client, _ = self.listener.accept()
+        server = socket.create_connection(self.target)
+        first = b""
+        while len(first) < 5:
+            first += client.recv(5 - len(first))
+        server.sendall(first[:1] + b"\x03\x00" + first[3:])
+
+        def pipe(src: socket.socket, dst: socket.socket) -> None:
+            with contextlib.suppress(OSError):
+                while data := src.recv(65536):
+                    dst.sendall(data)
+                dst.shutdown(socket.SHUT_WR)
+
+        threads = [
+            threading.Thread(target=pipe, args=(client, server), daemon=True),
+            threading.Thread(target=pipe, args=(server, client), daemon=True),
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        client.close()
+        server.close()
+
+
+@pytest.mark.parametrize("version", ["TLSv1.2", "TLSv1.3"])
+def test_client_hello_record_version_0x0300(certs: Certs, engine: str, version: str) -> None:
+    """RFC 5246 E.1 / RFC 8446 5.1: a server accepts any {03,xx} in the record that
+    carries the first ClientHello (a third-party test client sends 0x0300)."""
+    server = ktls.ServerContext(
+        certs.server_rsa,
+        minimum_version=version,
+        maximum_version=version,
+        offload=engine,  # type: ignore[arg-type]
+    )
+    with server.listen(("127.0.0.1", 0)) as listener:
+        relay = VersionRewritingRelay(listener.getsockname())
+
+        def client() -> bytes:
+            ctx = python_ssl_context(certs, server=False, version=version)
+            raw = socket.create_connection(relay.address, timeout=30)
+            with ctx.wrap_socket(raw, server_hostname="localhost") as conn:
+                conn.sendall(b"hello")
+                return conn.recv(5)
+
+        peer = run_in_thread(client)
+        tls, _ = listener.accept()
+        assert_engine(tls, engine)
+        assert tls.recv(5) == b"hello"
+        tls.sendall(b"world")
+        assert peer.join() == b"world"
+        tls.close()
+        relay.listener.close()
+
+
+def _wait_readable(sock: socket.socket) -> None:
+    assert select.select([sock], [], [], 10)[0], "the peer's FIN never came"
+
+
+def test_peer_hangs_up_before_the_handshake_client(certs: Certs, engine: str) -> None:
+    """The same HandshakeError on every engine; never a kernel-capability error."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    sock = socket.create_connection(listener.getsockname())
+    accepted, _ = listener.accept()
+    accepted.close()
+    _wait_readable(sock)  # its FIN is here: the socket is no longer ESTABLISHED
+    context = _client(certs, engine)
+    with pytest.raises(ktls.HandshakeError) as info:
+        context.wrap_socket(sock, "localhost")
+    assert not isinstance(info.value, ktls.KernelUnsupported)
+    listener.close()
+
+
+@pytest.mark.parametrize("how", ["fin", "reset"])
+def test_peer_hangs_up_before_the_handshake_server(certs: Certs, engine: str, how: str) -> None:
+    server = ktls.ServerContext(certs.server_rsa, offload=engine)  # type: ignore[arg-type]
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    if how == "reset":
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    client.close()
+    sock, _ = listener.accept()
+    _wait_readable(sock)
+    expected = "closed the connection" if how == "fin" else "connection failed"
+    with pytest.raises(ktls.HandshakeError, match=expected):
+        server.wrap_socket(sock)
+    listener.close()
