@@ -304,6 +304,17 @@ def test_our_key_update_answers_an_owed_one() -> None:
     assert conn.tx_keys.generation == 1
 
 
+def test_our_queued_key_update_answers_a_request_that_comes_after_it() -> None:
+    """Found by the state machine: a request read while our own KeyUpdate is still
+    queued needs no second answer, and generations go out in order."""
+    conn = tls13()
+    conn.start_key_update(request_peer=False)
+    conn.receive_record(HANDSHAKE, KU_REQUESTED)
+    output = conn.take_output()
+    assert sent(output) == [(HANDSHAKE, KU_NOT_REQUESTED)]
+    assert [o.keys.generation for o in output if isinstance(o, TxKeys)] == [1]
+
+
 def test_key_update_refused_in_tls12_and_after_close() -> None:
     with pytest.raises(ValueError, match=r"TLS 1\.3"):
         tls12().start_key_update(request_peer=True)

@@ -310,10 +310,14 @@ class Connection:
                     "KeyUpdate not at the end of its record", AlertDescription.UNEXPECTED_MESSAGE
                 )
             self._rx_keys = next_generation(self.session.suite, self._rx_keys)
-            if request is KeyUpdateRequest.UPDATE_REQUESTED and not self._close_sent:
+            pending_own = any(isinstance(item, TxKeys) for item in self._output)
+            if request is KeyUpdateRequest.UPDATE_REQUESTED and not (
+                self._close_sent or pending_own
+            ):
                 # Owed, not sent now: a reader must never wait for the sending side
                 # (RFC 8446 4.6.3: "prior to sending its next Application Data record").
-                # One answer covers any number of requests.
+                # One answer covers any number of requests, and a KeyUpdate of ours
+                # still queued answers them too.
                 self._owe_key_update = True
             return [RxKeys(self._rx_keys)]
         renegotiation = (kind == HandshakeType.HELLO_REQUEST and role is Role.CLIENT) or (
@@ -341,12 +345,12 @@ class Connection:
         return bool(self._output) or self._owe_key_update or self._owe_no_renegotiation
 
     def take_output(self) -> list[Output]:
-        """What to send now, in order: owed answers, then queued records and key changes.
+        """What to send now, in order: queued records and key changes, then owed answers.
 
         The driver calls this while it holds the sending side and hands every item to
         its sending engine in order.
         """
-        output: list[Output] = []
+        output, self._output = self._output, []
         if self.failure is None and not self._close_sent:
             if self._owe_no_renegotiation:
                 output.append(
@@ -358,8 +362,6 @@ class Connection:
             if self._owe_key_update:
                 output += self._key_update(KeyUpdateRequest.UPDATE_NOT_REQUESTED)
         self._owe_no_renegotiation = self._owe_key_update = False
-        output += self._output
-        self._output = []
         return output
 
     def start_key_update(self, request_peer: bool) -> None:

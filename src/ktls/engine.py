@@ -50,6 +50,12 @@ class TxEngine(Protocol):
     def queued(self) -> bool:
         """Whether records or bytes wait to be sent."""
 
+    def drain(self, timeout: float | None) -> bool:
+        """Send what is queued and wait (at most ``timeout`` seconds, None: no limit)
+        until the TCP socket holds it all, whatever the socket's mode: what must reach
+        the peer before a close or a shutdown.  False when the time ran out; OSError
+        (or a KTLSError from a key change) when the socket failed."""
+
     def sendfile(self, file_fd: int, offset: int, count: int, flags: int = 0) -> int:
         """Send up to ``count`` bytes of a file from ``offset`` as application data;
         return how many were sent (0: end of file).  Same retry rule as send_data."""

@@ -15,10 +15,12 @@ Traps handled here (each found on real kernels, see DESIGN.md):
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import os
 import socket
+import struct
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -215,6 +217,30 @@ class KernelTx(_KernelDirection, TxEngine):
             self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             return self._sock.sendmsg([payload], cmsg, flags)
 
+    def drain(self, timeout: float | None) -> bool:
+        # A trap: records that TCP could not take yet wait in the kernel's own list
+        # (a non-blocking send returned success for them), are pushed later from a work
+        # queue, and are DROPPED when the socket is closed; a shutdown(SHUT_WR) strands
+        # them too.  Only a blocking send makes the kernel push them all, in order,
+        # before its own record: so the last records (close_notify, an alert) go out
+        # with the fd blocking, bounded by SO_SNDTIMEO.
+        sock = self._sock
+        saved = sock.gettimeout()
+        try:
+            sock.settimeout(None)
+            if timeout is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(timeout))
+            self.flush()
+        except BlockingIOError:  # SO_SNDTIMEO ran out
+            return False
+        else:
+            return True
+        finally:
+            with contextlib.suppress(OSError):
+                if timeout is not None:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(0))
+                sock.settimeout(saved)
+
     def send_data(self, data: memoryview, flags: int = 0) -> int:
         self.flush(flags)
         return self._sock.send(data, flags)
@@ -314,6 +340,11 @@ def _record_type(ancdata: list[tuple[int, int, bytes]]) -> ContentType:
                 )
             return ContentType(value[0])
     return ContentType.APPLICATION_DATA
+
+
+def _timeval(seconds: float) -> bytes:
+    whole = int(seconds)
+    return struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
 
 
 def read_tls_stat() -> dict[str, int] | None:

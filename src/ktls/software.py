@@ -9,7 +9,9 @@ loses any: a record that went out in part stays queued until the rest is sent.
 from __future__ import annotations
 
 import os
+import select
 import socket
+import time
 
 from .engine import EngineName, RxEngine, TxEngine
 from .protection import RecordReceiver, RecordSender
@@ -61,6 +63,21 @@ class SoftwareTx(TxEngine):
         self._out.clear()
         self._sent = 0
 
+    def drain(self, timeout: float | None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                self.flush(socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                poller = select.poll()
+                poller.register(self._sock.fileno(), select.POLLOUT)
+                poller.poll(None if remaining is None else max(1, int(remaining * 1000)))
+            else:
+                return True
+
     def _finish_interrupted(self, flags: int) -> int:
         """Push out what an interrupted call sealed; return that call's data length."""
         self.flush(flags)
@@ -107,7 +124,8 @@ class SoftwareRx(RxEngine):
             record = self._receiver.next_record()
             if record is not None:
                 return record
-            data = self._sock.recv(max(bufsize, _READ_SIZE), flags)
+            # Whatever the caller asked for: the records come whole, this much at a time.
+            data = self._sock.recv(_READ_SIZE, flags)
             if not data:
                 return None  # a record cut short by the end of the stream is truncation too
             self._receiver.feed(data)

@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import functools
 import io
 import os
 import select
 import socket
+import sys
+import termios
 import threading
 import time
 from collections.abc import Callable
@@ -64,6 +67,8 @@ __all__ = ["TLSSocket"]
 
 _T = TypeVar("_T")
 _RECV_DEFAULT = 1 << 16
+_NO_WAIT = -1.0  # a deadline that says: non-blocking, raise BlockingIOError
+_TCP_CLOSE = 7  # tcpi_state after a reset (include/net/tcp_states.h)
 # What close() takes in from the peer, without waiting, before it closes (tickets, a
 # close_notify, data nobody will read): unread bytes would make the kernel reset the
 # connection, and the peer lose what it has not read yet.
@@ -98,6 +103,7 @@ class TLSSocket:
         self._handshake_lock = threading.Lock()
         self._closed = False
         self._io_refs = 0  # makefile() files still open
+        self._taken_in = 0  # bytes read and dropped while closing
 
     # -- the handshake -----------------------------------------------------------------------
 
@@ -149,7 +155,8 @@ class TLSSocket:
                 self._tx, self._rx = handoff.install(pending)
             except (KernelUnsupported, SoftwareUnsupported):
                 if pending.abort_engine is not None:
-                    self._flush_bounded(pending.abort_engine, self.close_timeout)
+                    with contextlib.suppress(OSError, KTLSError):
+                        pending.abort_engine.drain(self.close_timeout)
                 raise
         finally:
             self.settimeout(self._timeout)
@@ -184,8 +191,11 @@ class TLSSocket:
     # -- waiting ------------------------------------------------------------------------------
 
     def _deadline(self) -> float | None:
+        """When this call must give up: None never (blocking), _NO_WAIT at once."""
         timeout = self._timeout
-        return None if timeout is None else time.monotonic() + timeout
+        if timeout is None:
+            return None
+        return _NO_WAIT if timeout == 0 else time.monotonic() + timeout
 
     def _wait_for(self, attempt: Callable[[], _T], writing: bool, deadline: float | None) -> _T:
         """Try ``attempt``; after EAGAIN wait for the fd until ``deadline`` and retry.
@@ -196,7 +206,7 @@ class TLSSocket:
             try:
                 return attempt()
             except BlockingIOError:
-                if deadline is None:
+                if deadline is None or deadline == _NO_WAIT:
                     raise
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -207,16 +217,6 @@ class TLSSocket:
         poller = select.poll()
         poller.register(self._sock.fileno(), select.POLLOUT if writing else select.POLLIN)
         poller.poll(max(1, int(timeout * 1000 + 0.999)))
-
-    def _flush_bounded(self, tx: TxEngine, timeout: float) -> bool:
-        """Push what ``tx`` holds without blocking the caller beyond ``timeout``;
-        whether it all went.  The sending side must be held (or not shared yet)."""
-        deadline = time.monotonic() + timeout
-        try:
-            self._wait_for(lambda: tx.flush(socket.MSG_DONTWAIT), True, deadline)
-        except (OSError, KTLSError):
-            return False
-        return True
 
     # -- what was negotiated -----------------------------------------------------------------
 
@@ -234,6 +234,12 @@ class TLSSocket:
     def rx_engine(self) -> str | None:
         """Who opens the records we receive: "kernel" or "software"."""
         return None if self._rx is None else self._rx.name
+
+    @property
+    def key_generation(self) -> tuple[int, int]:
+        """(send, receive): how many TLS 1.3 KeyUpdates each direction went through."""
+        core = self._core
+        return (0, 0) if core is None else (core.tx_keys.generation, core.rx_keys.generation)
 
     @property
     def tls_session(self) -> Session:
@@ -519,6 +525,8 @@ class TLSSocket:
     def _send_some(
         self, core: Connection, tx: TxEngine, view: memoryview, deadline: float | None
     ) -> int:
+        if core.has_output:  # the reader owes the peer something: it goes first
+            self._move_output(core)
         try:
             return self._wait_for(lambda: tx.send_data(view), True, deadline)
         except (TimeoutError, BlockingIOError):
@@ -627,12 +635,16 @@ class TLSSocket:
                 with self._lock:
                     core.send_close_notify()
                 tx = self._move_output(core)
+                # drain(): the kernel engine must push every record into TCP before the
+                # FIN, whatever the socket's mode (see KernelTx.drain).
+                limit = self.close_timeout if self._timeout == 0 else self._timeout
                 try:
-                    self._wait_for(tx.flush, True, self._deadline())
-                except (TimeoutError, BlockingIOError):
-                    raise
+                    done = tx.drain(limit)
                 except (OSError, KTLSError):
-                    pass  # the peer is gone; nothing left to tell it
+                    done = True  # the peer is gone; nothing left to tell it
+                if not done:
+                    error = BlockingIOError if self._timeout == 0 else TimeoutError
+                    raise error("close_notify could not be sent yet: call shutdown() again")
         self._sock.shutdown(how)
 
     def close(self) -> None:
@@ -648,26 +660,56 @@ class TLSSocket:
     def _real_close(self) -> None:
         core = self._core
         if core is not None and self._sock.fileno() >= 0:
+            deadline = time.monotonic() + self.close_timeout
             self._take_in_quietly(core)
             with self._lock:
                 due = core.send_close_notify() or core.has_output
+            due = due or (self._tx is not None and self._tx.queued)
+            sent = not due
             if due and self._tx_lock.acquire(timeout=self.close_timeout):
                 try:
-                    self._flush_bounded(self._move_output(core), self.close_timeout)
+                    with contextlib.suppress(OSError, KTLSError):
+                        sent = self._move_output(core).drain(self.close_timeout)
                 finally:
                     self._tx_lock.release()
+            if sent and core.failure is None:
+                self._linger(core, deadline)
         self._sock.close()
+
+    def _linger(self, core: Connection, deadline: float) -> None:
+        """After our close_notify: FIN, then until the peer's kernel has acknowledged
+        every byte we sent, take in (without waiting) whatever the peer sends.
+
+        Closing a socket while the peer's data arrives (a TLS 1.3 server's tickets come
+        after the client's handshake is over, maybe only now) or sits unread makes the
+        kernel answer with a reset, and a reset throws away what is still in flight to
+        the peer: the end of our data, our close_notify.  Bounded by close_timeout.
+        """
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_WR)
+        pause = 0.001
+        while True:
+            self._take_in_quietly(core)
+            try:
+                in_flight = _unacknowledged(self._sock)
+            except OSError:
+                return
+            if in_flight and _tcp_state(self._sock) == _TCP_CLOSE:
+                return  # reset: what is in flight will never be acknowledged
+            remaining = deadline - time.monotonic()
+            if not in_flight or remaining <= 0:
+                return
+            time.sleep(min(pause, remaining))
+            pause = min(pause * 2, 0.05)
 
     def _take_in_quietly(self, core: Connection) -> None:
         """Read, without waiting, what the peer already sent: tickets and close_notify
-        go through the core; data is dropped.  Unread bytes at close() would make the
-        kernel send a reset, and the peer lose data it has not read yet."""
+        go through the core; data is dropped (see _linger for why)."""
         rx = self._rx
         if rx is None or not self._rx_lock.acquire(blocking=False):
             return
-        taken = 0
         try:
-            while taken < _DRAIN_LIMIT and core.failure is None and not core.peer_closed:
+            while self._taken_in < _DRAIN_LIMIT and core.failure is None:
                 record = rx.read(_RECV_DEFAULT, socket.MSG_DONTWAIT)
                 if record is None:
                     break
@@ -676,9 +718,9 @@ class TLSSocket:
                 for event in events:
                     if isinstance(event, RxKeys):
                         rx.rekey(event.keys)
-                taken += len(record[1])
+                self._taken_in += len(record[1])
         except (OSError, KTLSError):
-            pass  # nothing more to take in
+            pass  # nothing more to take in now
         finally:
             self._unread.clear()
             self._rx_lock.release()
@@ -693,7 +735,8 @@ class TLSSocket:
         acquired = locked or self._tx_lock.acquire(timeout=self.close_timeout)
         try:
             if acquired and self._tx is not None:
-                self._flush_bounded(self._move_output(core), self.close_timeout)
+                with contextlib.suppress(OSError, KTLSError):
+                    self._move_output(core).drain(self.close_timeout)
         finally:
             if acquired and not locked:
                 self._tx_lock.release()
@@ -743,6 +786,17 @@ class TLSSocket:
         self._io_refs -= 1
         if self._closed and self._io_refs <= 0:
             self._real_close()
+
+
+def _tcp_state(sock: socket.socket) -> int:
+    """The TCP state (tcpi_state, the first byte of TCP_INFO)."""
+    return sock.getsockopt(socket.SOL_TCP, socket.TCP_INFO, 1)[0]
+
+
+def _unacknowledged(sock: socket.socket) -> int:
+    """Bytes we sent that the peer's kernel has not acknowledged yet (TIOCOUTQ)."""
+    raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    return int.from_bytes(raw, sys.byteorder, signed=True)
 
 
 def _read_failure(exc: OSError) -> KTLSError:
