@@ -550,3 +550,54 @@ def test_tls12_renegotiation_is_refused(certs: Certs, engine: str) -> None:
         tls.close()
         proc.finish()
         assert b"no renegotiation" in proc.errors
+
+
+# -- a peer that resets the connection while we stream -----------------------------------------
+
+
+@pytest.mark.parametrize("how", ["sendfile", "sendall"])
+def test_peer_reset_while_streaming_is_reported(
+    certs: Certs, engine: str, how: str, tmp_path: Path
+) -> None:
+    """The client reads half of a 16 MiB transfer, then resets (SO_LINGER 0).  The
+    kernel's TLS send path hides the reset (every later send "succeeds"); ktls must
+    report it as the software engine does: BrokenError, caused by ECONNRESET/EPIPE."""
+    size = 16 * 1024 * 1024
+    path = tmp_path / "big"
+    path.write_bytes(os.urandom(size))
+    server = _server(certs, engine)
+    with server.listen(("127.0.0.1", 0)) as listener:
+
+        def client() -> int:
+            raw = socket.socket()
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+            raw.connect(listener.getsockname())
+            ctx = python_ssl_context(certs, server=False)
+            conn = ctx.wrap_socket(raw, server_hostname="localhost")
+            received = 0
+            while received < size // 2:
+                received += len(conn.recv(1 << 16))
+            time.sleep(0.3)  # the server is blocked for buffer space now
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+            conn.close()
+            return received
+
+        def stream() -> None:  # one call: it must not end as if all went well
+            if how == "sendfile":
+                with path.open("rb") as f:
+                    tls.sendfile(f)
+            else:
+                tls.sendall(path.read_bytes())
+
+        peer = run_in_thread(client)
+        tls, _ = listener.accept()
+        assert_engine(tls, engine)
+        # A blocking socket: the reset must arrive while the kernel waits in a send call.
+        streamer = run_in_thread(stream)
+        with pytest.raises(ktls.BrokenError, match="the peer is gone") as info:
+            streamer.join(60)
+        assert isinstance(info.value.__cause__, (ConnectionResetError, BrokenPipeError))
+        with pytest.raises(ktls.BrokenError):  # and it stays broken
+            tls.sendall(b"more")
+        tls.close()
+        assert peer.join() >= size // 2

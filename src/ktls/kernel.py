@@ -60,6 +60,7 @@ __all__ = [
 
 _CMSG_SPACE = socket.CMSG_SPACE(1)
 _MAX_READ = 1 << 20  # bytes of application data one read may return
+_TCP_CLOSE = 7  # tcpi_state once the connection is reset (include/net/tcp_states.h)
 _KNOWN_TYPES = frozenset(ContentType.__members__.values())
 # What the kernel's RX errors mean, and the alert RFC 8446/5246 name for each.
 _RX_ERRORS: dict[int, tuple[str, AlertDescription]] = {
@@ -197,6 +198,7 @@ class KernelTx(_KernelDirection, TxEngine):
             else:
                 content_type, payload = item
                 sent = self._send_record(content_type, payload, flags)
+                self._check_reset()
                 if sent < len(payload):
                     # Never seen for records this small, but the rest must not be lost:
                     # it goes out as the next record of the same type.
@@ -243,14 +245,27 @@ class KernelTx(_KernelDirection, TxEngine):
 
     def send_data(self, data: memoryview, flags: int = 0) -> int:
         self.flush(flags)
-        return self._sock.send(data, flags)
+        sent = self._sock.send(data, flags)
+        self._check_reset()
+        return sent
 
     def sendfile(self, file_fd: int, offset: int, count: int, flags: int = 0) -> int:
         # The kernel reads the file's pages and builds the records itself: no copy into
         # Python.  (It encrypts into its own buffers; TLS_TX_ZEROCOPY_RO only matters
         # for NIC offload.)  os.sendfile has no flags: it follows the socket's mode.
         self.flush(flags)
-        return os.sendfile(self._sock.fileno(), file_fd, offset, count)
+        sent = os.sendfile(self._sock.fileno(), file_fd, offset, count)
+        self._check_reset()
+        return sent
+
+    def _check_reset(self) -> None:
+        # A trap: when the peer's reset arrives while a send waits for buffer space, the
+        # kernel's TLS send path swallows the error (it returns the bytes it took), and
+        # from then on every send "succeeds" on a socket in state CLOSE with SO_ERROR 0,
+        # where plain TCP raises EPIPE.  The TCP state after each call tells the truth.
+        if self._sock.getsockopt(socket.SOL_TCP, socket.TCP_INFO, 1)[0] == _TCP_CLOSE:
+            code = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or errno.ECONNRESET
+            raise ConnectionResetError(code, "the peer reset the connection")
 
     def rekey_refusal(self) -> str | None:
         return rekey_error()
