@@ -142,10 +142,11 @@ def python_ssl_server(
 class OpenSSLProcess:
     """An ``openssl s_server``/``s_client`` subprocess with its output collected."""
 
-    def __init__(self, args: list[str]) -> None:
+    def __init__(self, args: list[str], program: str = "openssl") -> None:
         self.args = args
+        self.program = program
         self.proc = subprocess.Popen(
-            ["openssl", *args],
+            [program, *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -180,16 +181,19 @@ class OpenSSLProcess:
         with self._lock:
             return bytes(self._output)
 
-    def wait_for(self, pattern: bytes, timeout: float = 30) -> re.Match[bytes]:
+    def wait_for(
+        self, pattern: bytes, timeout: float = 30, *, stderr: bool = False
+    ) -> re.Match[bytes]:
         regex = re.compile(pattern)
+        stream = self._errors if stderr else self._output
         with self._lock:
             ok = self._lock.wait_for(
-                lambda: regex.search(self._output) or not self._reader.is_alive(), timeout
+                lambda: regex.search(stream) or not self._reader.is_alive(), timeout
             )
-            match = regex.search(self._output)
+            match = regex.search(stream)
         if not ok or match is None:
             raise AssertionError(
-                f"openssl {' '.join(self.args)} never printed {pattern!r}; output:\n"
+                f"{self.program} {' '.join(self.args)} never printed {pattern!r}; output:\n"
                 + self.output.decode(errors="replace")
                 + "\nstderr:\n"
                 + self.errors.decode(errors="replace")
@@ -344,3 +348,30 @@ class TamperingRelay:
     def close(self) -> None:
         self.listener.close()
         self._thread.join(30)
+
+
+class GnuTLSServer(OpenSSLProcess):
+    """``gnutls-serv --echo`` on a free loopback port: a second TLS implementation."""
+
+    def __init__(self, certs: Certs, *extra: str) -> None:
+        with socket.socket() as probe:  # gnutls-serv cannot report a port it picked
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        super().__init__(
+            [
+                "--echo",
+                "-p",
+                str(self.port),
+                "--x509certfile",
+                str(certs.server_ecdsa),
+                "--x509keyfile",
+                str(certs.server_ecdsa),
+                *extra,
+            ],
+            program="gnutls-serv",
+        )
+        self.wait_for(rb"listening on IPv4", stderr=True)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return "127.0.0.1", self.port

@@ -21,6 +21,7 @@ from ktls import AlertDescription
 from .conftest import assert_engine, rekey_expected
 from .peers import (
     Certs,
+    GnuTLSServer,
     TamperingRelay,
     echo_until_close,
     hash_until_close,
@@ -485,6 +486,75 @@ def test_key_update_started_by_us(certs: Certs, engine: str) -> None:
         assert tls.recv(10) == b""
         tls.close()
         assert peer.join() == (16 if rekey_expected(engine) else 11)
+
+
+def _tls_stat_delta(before: dict[str, int] | None, name: str) -> int:
+    after = ktls.kernel.read_tls_stat() or {}
+    return after.get(name, 0) - (before or {}).get(name, 0)
+
+
+def test_our_key_update_reaches_openssl(certs: Certs, engine: str) -> None:
+    """Proof from outside that we sent a KeyUpdate and then used the new keys: the
+    peer's own message trace shows it, the data after it decrypts there, and on the
+    kernel engine the kernel's read-back and counters show the new key in use."""
+    with openssl_server(certs, "TLSv1.3", None, "-msg") as (address, proc):
+        tls = _client(certs, engine, "TLSv1.3").connect(address, server_hostname="localhost")
+        assert_engine(tls, engine)
+        proc.wait_for(rb"CIPHER is")
+        tls.sendall(b"before the update\n")
+        proc.wait_for(rb"before the update")
+        if not rekey_expected(engine):
+            with pytest.raises(ktls.RekeyUnsupported, match=r"6\.14"):
+                tls.key_update(request_peer=True)
+            tls.close()
+            return
+        ktls.capabilities()  # its probe installs keys too: not inside the counted window
+        stats = ktls.kernel.read_tls_stat()
+        tls.key_update(request_peer=True)
+        tls.sendall(b"after the update\n")
+        # s_server's trace: our KeyUpdate (update_requested) came in, before our data.
+        trace = proc.wait_for(rb"after the update").string
+        ours = trace.index(b"KeyUpdate")
+        assert ours < trace.index(b"after the update")
+        assert b"18 00 00 01 01" in trace[ours:]  # KeyUpdate, request_update = 1
+        proc.write(b"answer under its new key\n")  # s_server answered with its own
+        assert _recv_exactly(tls, 25) == b"answer under its new key\n"
+        assert tls.key_generation == (1, 1)
+        if engine == "kernel":
+            session, suite = tls.tls_session, tls.tls_session.suite
+            tx, rx = tls.kernel_crypto_info("tx"), tls.kernel_crypto_info("rx")
+            assert tx is not None
+            assert rx is not None
+            assert (tx.rec_seq, rx.rec_seq) == (1, 1)  # sequence numbers restarted
+            assert tx.key == ktls.session.next_generation(suite, session.tx).key
+            assert rx.key == ktls.session.next_generation(suite, session.rx).key
+            assert _tls_stat_delta(stats, "TlsTxRekeyOk") == 1
+            assert _tls_stat_delta(stats, "TlsRxRekeyOk") == 1
+        tls.close()
+
+
+def test_our_key_update_reaches_gnutls(certs: Certs, engine: str) -> None:
+    """GnuTLS's echo server: it can only echo what follows our KeyUpdate if it took the
+    update, and we can only read the echo if we took its answer."""
+    server = GnuTLSServer(certs)
+    try:
+        tls = _client(certs, engine, "TLSv1.3").connect(server.address, server_hostname="localhost")
+        assert_engine(tls, engine)
+        tls.sendall(b"one\n")  # gnutls-serv --echo answers line by line
+        assert _recv_exactly(tls, 4) == b"one\n"
+        if not rekey_expected(engine):
+            with pytest.raises(ktls.RekeyUnsupported):
+                tls.key_update(request_peer=True)
+            tls.close()
+            return
+        for request_peer in (True, False, True):
+            tls.key_update(request_peer=request_peer)
+            tls.sendall(b"echo me\n")
+            assert _recv_exactly(tls, 8) == b"echo me\n"
+        assert tls.key_generation == (3, 2)
+        tls.close()
+    finally:
+        server.stop()
 
 
 def test_key_update_started_by_peer(certs: Certs, engine: str) -> None:

@@ -78,10 +78,13 @@ _RX_ERRORS: dict[int, tuple[str, AlertDescription]] = {
 }
 
 
+MODULES_ROOT = Path("/lib/modules")
+
+
 def _why_no_tls_module() -> str:
     """Tell "built, not loaded" from "not there at all" for ENOENT on TCP_ULP."""
     release = os.uname().release
-    modules = Path("/lib/modules") / release / "kernel" / "net" / "tls"
+    modules = MODULES_ROOT / release / "kernel" / "net" / "tls"
     if any(modules.glob("tls.ko*")):
         return (
             f"the kernel has no 'tls' module loaded, and did not load {modules}/tls.ko on "
