@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import socket
 import ssl
 from pathlib import Path
+from typing import Any
 
 import pytest
+import trustme
 
 import ktls
+import ktls.kernel
+import ktls.protection
 from ktls import AlertDescription
 
 from .conftest import assert_engine
@@ -389,3 +394,164 @@ def test_optional_client_certificate(certs: Certs, engine: str) -> None:
             assert (tls.peer_certificate is None) is (certfile is None)
             peer.join().close()
             tls.close()
+
+
+# -- the hand-off under stress: abort paths, big flights, names, loopback ------------------
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("refused", ["rx", "tx"])
+def test_abort_alert_is_sealed_once(
+    certs: Certs, refused: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """offload="kernel" and the kernel refuses one direction after the handshake: the
+    internal_error alert must reach the peer readable -- through the kernel TX when it
+    was installed, sealed in software when not -- never sealed twice."""
+    engine_class = ktls.kernel.KernelRx if refused == "rx" else ktls.kernel.KernelTx
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise ktls.CipherUnsupported("refused for this test")
+
+    monkeypatch.setattr(engine_class, "__init__", refuse)
+
+    def serve(conn: ssl.SSLSocket) -> str:
+        try:
+            conn.recv(10)
+        except ssl.SSLError as exc:
+            return exc.reason or str(exc)
+        return "no alert"
+
+    server_ctx = python_ssl_context(certs, server=True, version="TLSv1.3")
+    with python_ssl_server(server_ctx, serve) as (address, peer):
+        context = ktls.ClientContext(cafile=certs.ca, offload="kernel")
+        with pytest.raises(ktls.CipherUnsupported, match="refused for this test"):
+            context.connect(address, server_hostname="localhost")
+        assert "INTERNAL_ERROR" in peer.join().upper()
+
+
+@pytest.fixture(scope="module")
+def big_certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A server certificate whose flight is well over 64 KiB (3500 names)."""
+    base = tmp_path_factory.mktemp("big")
+    ca = trustme.CA()
+    names = ["localhost", *(f"host-{i:05d}.example.test" for i in range(3500))]
+    cert = ca.issue_cert(*names)
+    cert.private_key_and_cert_chain_pem.write_to_path(str(base / "server.pem"))
+    ca.cert_pem.write_to_path(str(base / "ca.pem"))
+    return base / "server.pem", base / "ca.pem"
+
+
+@pytest.mark.parametrize("version", ["TLSv1.2", "TLSv1.3"])
+def test_handshake_flight_over_64k(
+    big_certificate: tuple[Path, Path], engine: str, version: str
+) -> None:
+    """OpenSSL's output is read from its BIO in chunks; a record that spans two chunks
+    must still be counted whole (the sequence numbers depend on it)."""
+    server_pem, ca_pem = big_certificate
+    assert server_pem.stat().st_size > 64 * 1024
+    server = ktls.ServerContext(
+        server_pem,
+        minimum_version=version,
+        maximum_version=version,
+        offload=engine,  # type: ignore[arg-type]
+    )
+    with server.listen(("127.0.0.1", 0)) as listener:
+
+        def client() -> bytes:
+            ctx = ssl.create_default_context(cafile=str(ca_pem))
+            raw = socket.create_connection(listener.getsockname(), timeout=30)
+            with ctx.wrap_socket(raw, server_hostname="localhost") as conn:
+                conn.sendall(b"ping")
+                return conn.recv(4)
+
+        peer = run_in_thread(client)
+        tls, _ = listener.accept()
+        assert_engine(tls, engine)
+        assert tls.recv(4) == b"ping"
+        tls.sendall(b"pong")
+        assert peer.join() == b"pong"
+        tls.close()
+    client_ctx = ktls.ClientContext(cafile=ca_pem, offload=engine)  # type: ignore[arg-type]
+    with server.listen(("127.0.0.1", 0)) as listener:
+        peer = run_in_thread(lambda: listener.accept()[0])
+        tls = client_ctx.connect(listener.getsockname(), server_hostname="host-03499.example.test")
+        theirs = peer.join()
+        tls.sendall(b"hello")
+        assert theirs.recv(5) == b"hello"
+        theirs.close()
+        tls.close()
+
+
+@pytest.mark.parametrize("version", ["TLSv1.2", "TLSv1.3"])
+def test_wrong_name_aborts_before_our_finished(certs: Certs, engine: str, version: str) -> None:
+    """The name is checked while OpenSSL verifies the chain: with a wrong name the
+    server never completes its handshake and never gets our certificate."""
+    server_ctx = python_ssl_context(certs, server=True, version=version)
+    server_ctx.verify_mode = ssl.CERT_REQUIRED
+    server_ctx.load_verify_locations(certs.ca)
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> str:
+        raw, _ = listener.accept()
+        raw.settimeout(30)
+        try:
+            with server_ctx.wrap_socket(raw, server_side=True) as conn:
+                return f"handshake completed, client certificate {conn.getpeercert()!r}"
+        except (ssl.SSLError, OSError) as exc:
+            return getattr(exc, "reason", None) or str(exc)
+
+    peer = run_in_thread(serve)
+    client = ktls.ClientContext(
+        cafile=certs.ca,
+        certfile=certs.client,
+        minimum_version=version,
+        maximum_version=version,
+        offload=engine,  # type: ignore[arg-type]
+    )
+    with pytest.raises(ktls.HandshakeError, match=r"does not match 'wrong\.example'") as info:
+        client.connect(listener.getsockname(), server_hostname="wrong.example")
+    assert info.value.alert is AlertDescription.BAD_CERTIFICATE
+    outcome = peer.join()
+    assert "BAD_CERTIFICATE" in outcome.upper(), outcome
+    listener.close()
+
+
+def test_no_loopback_falls_back_and_says_why(certs: Certs, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The capability probes need a loopback connection; without one, offload="auto"
+    uses the software engine and says why, and offload="kernel" fails clearly."""
+    real = socket.create_connection
+
+    def unreachable(address: Any, *args: Any, **kwargs: Any) -> socket.socket:
+        if address[0] in ("127.0.0.1", "::1"):
+            raise OSError(errno.ENETUNREACH, "Network is unreachable")
+        return real(address, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    ktls.kernel.forget_probes()
+    try:
+        assert "no usable loopback" in (ktls.kernel.ulp_error() or "")
+        assert ktls.kernel.ulp_error() == ktls.kernel.ulp_error()  # cached
+        with pytest.raises(ktls.ULPUnavailable, match="no usable loopback"):
+            ktls.ClientContext(offload="kernel")._ssl_context()
+        server_side, client_side = socket.socketpair()  # TLS over a Unix socket pair
+        context = ktls.ServerContext(certs.server_rsa)
+        peer = run_in_thread(lambda: context.wrap_socket(server_side))
+        ctx = python_ssl_context(certs, server=False)
+        with ctx.wrap_socket(client_side, server_hostname="localhost") as conn:
+            tls = peer.join()
+            assert_engine(tls, "software")
+            conn.sendall(b"hi")
+            assert tls.recv(2) == b"hi"
+            tls.close()
+    finally:
+        monkeypatch.undo()
+        ktls.kernel.forget_probes()
+
+
+def test_software_limit_is_not_a_kernel_limit() -> None:
+    """A cipher neither engine can carry is the software engine's limit, not the
+    kernel's: SoftwareUnsupported, which is no KernelUnsupported."""
+    assert not issubclass(ktls.SoftwareUnsupported, ktls.KernelUnsupported)
+    aria = ktls.CIPHERS["ARIA-128-GCM"]
+    with pytest.raises(ktls.SoftwareUnsupported, match="software engine has no ARIA"):
+        ktls.protection.Sealer(ktls.ProtocolVersion.TLS1_2, aria, bytes(16), bytes(4), 0)

@@ -557,3 +557,18 @@ def test_connect_without_ktls(certs: Certs) -> None:
     probe = one_line(run_ktls("probe").stdout.decode())
     assert "TLS ULP: unavailable" in probe
     assert "software engine" in probe
+
+
+def test_software_limit_is_not_reported_as_the_kernel(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Exit 6 means "the kernel can't"; a cipher the software engine lacks is exit 1."""
+    from ktls import cli  # noqa: PLC0415
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise ktls.SoftwareUnsupported("the software engine has no ARIA-128-GCM")
+
+    monkeypatch.setattr(ktls.ClientContext, "connect", refuse)
+    status = cli.main(["connect", "127.0.0.1:9", "--insecure"])
+    assert status == EXIT_ERROR
+    assert "software engine has no ARIA-128-GCM" in capsys.readouterr().err

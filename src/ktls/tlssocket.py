@@ -692,10 +692,10 @@ class TLSSocket:
             self._take_in_quietly(core)
             try:
                 in_flight = _unacknowledged(self._sock)
+                if in_flight and _tcp_state(self._sock) == _TCP_CLOSE:
+                    return  # reset: what is in flight will never be acknowledged
             except OSError:
-                return
-            if in_flight and _tcp_state(self._sock) == _TCP_CLOSE:
-                return  # reset: what is in flight will never be acknowledged
+                return  # not TCP (TLS over a Unix socket pair): nothing to wait for
             remaining = deadline - time.monotonic()
             if not in_flight or remaining <= 0:
                 return
