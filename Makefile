@@ -4,9 +4,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 KERNEL := $(PYTHON) tools/testkernel.py
-# Debian packages the tests use: openssl and curl are real peers; the rest run the
+# Debian packages the tests use: openssl, gnutls-bin and curl are real peers; the rest run the
 # UML test kernels (tools/testkernel.py provision installs those itself too).
-DEBS   := openssl curl user-mode-linux kmod iproute2 patchelf
+DEBS   := openssl gnutls-bin curl user-mode-linux kmod iproute2 patchelf
 
 .PHONY: test serve probe lint types host-tests kernel-tests setup system clean
 

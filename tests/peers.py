@@ -139,8 +139,9 @@ def python_ssl_server(
         listener.close()
 
 
-class OpenSSLProcess:
-    """An ``openssl s_server``/``s_client`` subprocess with its output collected."""
+class PeerProcess:
+    """A peer program (``openssl s_server``/``s_client``, ``gnutls-cli``/``gnutls-serv``)
+    as a subprocess, with its output collected."""
 
     def __init__(self, args: list[str], program: str = "openssl") -> None:
         self.args = args
@@ -245,9 +246,9 @@ def openssl_version_args(version: str, cipher: str | None) -> list[str]:
 @contextlib.contextmanager
 def openssl_server(
     certs: Certs, version: str, cipher: str | None, *extra: str
-) -> Iterator[tuple[tuple[str, int], OpenSSLProcess]]:
+) -> Iterator[tuple[tuple[str, int], PeerProcess]]:
     """``openssl s_server`` on a free loopback port, one connection."""
-    proc = OpenSSLProcess(
+    proc = PeerProcess(
         [
             "s_server",
             "-accept",
@@ -269,8 +270,8 @@ def openssl_server(
 
 def openssl_client(
     certs: Certs, address: tuple[str, int], version: str, cipher: str | None, *extra: str
-) -> OpenSSLProcess:
-    return OpenSSLProcess(
+) -> PeerProcess:
+    return PeerProcess(
         [
             "s_client",
             "-connect",
@@ -350,7 +351,7 @@ class TamperingRelay:
         self._thread.join(30)
 
 
-class GnuTLSServer(OpenSSLProcess):
+class GnuTLSServer(PeerProcess):
     """``gnutls-serv --echo`` on a free loopback port: a second TLS implementation."""
 
     def __init__(self, certs: Certs, *extra: str) -> None:

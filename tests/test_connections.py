@@ -22,6 +22,7 @@ from .conftest import assert_engine, rekey_expected
 from .peers import (
     Certs,
     GnuTLSServer,
+    PeerProcess,
     TamperingRelay,
     echo_until_close,
     hash_until_close,
@@ -600,6 +601,37 @@ def test_key_update_started_by_peer_to_our_server(certs: Certs, engine: str) -> 
             proc.stop()
 
 
+def test_key_update_from_a_gnutls_client(certs: Certs, engine: str) -> None:
+    """gnutls-cli's ^rekey^ (KeyUpdate, update_requested) against our server: we must
+    take its new key and answer with ours before our reply, which it then decrypts."""
+    context = _server(certs, engine, "TLSv1.3")
+    with context.listen(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        proc = PeerProcess(
+            ["--x509cafile", str(certs.ca), "-p", str(port), "--inline-commands", "localhost"],
+            program="gnutls-cli",
+        )
+        try:
+            tls, _ = listener.accept()
+            assert_engine(tls, engine)
+            proc.write(b"hello\n")
+            assert _recv_exactly(tls, 6) == b"hello\n"
+            proc.write(b"^rekey^\n")
+            proc.write(b"after the update\n")
+            if not rekey_expected(engine):
+                with pytest.raises(ktls.RekeyUnsupported):
+                    tls.recv(100)
+                tls.close()
+                return
+            assert _recv_exactly(tls, 17) == b"after the update\n"
+            tls.sendall(b"reply under our new key\n")
+            proc.wait_for(rb"reply under our new key")
+            assert tls.key_generation == (1, 1)
+            tls.close()
+        finally:
+            proc.stop()
+
+
 # -- renegotiation -------------------------------------------------------------------------
 
 
@@ -671,3 +703,51 @@ def test_peer_reset_while_streaming_is_reported(
             tls.sendall(b"more")
         tls.close()
         assert peer.join() >= size // 2
+
+
+@pytest.mark.kernel
+def test_kernel_sendfile_is_sendfile(
+    certs: Certs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's claim, checked from outside: on the kernel engine the file's bytes
+    go by sendfile(2) -- the kernel counts them as written by this process (wchar in
+    /proc/thread-self/io) with no read() calls -- and Python never sends them itself."""
+    size = 4 * 1024 * 1024 + 99
+    path = tmp_path / "file"
+    path.write_bytes(os.urandom(size))
+    expected = hashlib.sha256(path.read_bytes()).hexdigest()
+    sent_by_python: list[int] = []
+    real_send = socket.socket.send
+
+    def counting_send(sock: socket.socket, data: bytes, *args: int) -> int:
+        n = real_send(sock, data, *args)
+        sent_by_python.append(n)
+        return n
+
+    def io_counter(name: str) -> int:
+        for line in Path("/proc/thread-self/io").read_text().splitlines():  # this thread
+            key, _, value = line.partition(":")
+            if key == name:
+                return int(value)
+        raise AssertionError(f"no {name} in /proc/thread-self/io")
+
+    with python_ssl_server(python_ssl_context(certs, server=True), hash_until_close) as (
+        address,
+        peer,
+    ):
+        tls = _client(certs, "kernel").connect(address, server_hostname="localhost")
+        assert_engine(tls, "kernel")
+        monkeypatch.setattr(socket.socket, "send", counting_send)
+        with path.open("rb") as f:
+            written, reads = io_counter("wchar"), io_counter("syscr")
+            assert tls.sendfile(f) == size
+            # sendfile(2) counts as a write (socket sends do not), and no read() ran:
+            # a fallback would read the file in chunks and send them.
+            assert io_counter("wchar") - written >= size
+            assert io_counter("syscr") - reads < 8
+        assert sent_by_python == []
+        monkeypatch.undo()
+        tls.shutdown(socket.SHUT_WR)
+        assert tls.recv(1) == b""
+        tls.close()
+        assert peer.join() == (expected, size)
