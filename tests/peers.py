@@ -371,7 +371,7 @@ class GnuTLSServer(PeerProcess):
             ],
             program="gnutls-serv",
         )
-        self.wait_for(rb"listening on IPv4", stderr=True)
+        self.wait_for(rb"listening on IPv4 [^\n]*done", stderr=True)  # "done": listening
 
     @property
     def address(self) -> tuple[str, int]:
