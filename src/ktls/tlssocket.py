@@ -396,7 +396,7 @@ class TLSSocket:
                 ready = rx.ready()
                 if ready is not None:
                     return ready
-                self._read_step(core, rx, _RECV_DEFAULT, None)
+                self._read_step(core, rx, _RECV_DEFAULT, None, socket.MSG_DONTWAIT)
         except (KTLSError, OSError):
             return 0  # the next recv reports it
         finally:
@@ -424,12 +424,17 @@ class TLSSocket:
                 self._read_step(core, rx, bufsize, deadline)
 
     def _read_step(
-        self, core: Connection, rx: RxEngine, bufsize: int, deadline: float | None
+        self,
+        core: Connection,
+        rx: RxEngine,
+        bufsize: int,
+        deadline: float | None,
+        flags: int = 0,
     ) -> None:
         """One record (or run of data) from the engine through the core."""
         events: list[Event]
         try:
-            record = self._wait_for(lambda: rx.read(bufsize), False, deadline)
+            record = self._wait_for(lambda: rx.read(bufsize, flags), False, deadline)
         except ProtocolViolation as exc:
             with self._lock:
                 events = [core.receive_error(exc)]
