@@ -288,15 +288,19 @@ def openssl_client(
 
 
 class TamperingRelay:
-    """A TCP relay that can flip one bit in the next protected record it forwards.
+    """A TCP relay that can flip one bit in the next protected record it forwards, and
+    rewrite the record version of the client's first record (its ClientHello).
 
     Records are parsed as they pass (5-byte headers), so the flip lands inside the
     ciphertext of a whole record of type 23, where only authentication can catch it.
     """
 
-    def __init__(self, target: tuple[str, int]) -> None:
+    def __init__(
+        self, target: tuple[str, int], *, first_client_record_version: int | None = None
+    ) -> None:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.target = target
+        self.first_client_record_version = first_client_record_version
         self.tamper_to_client = threading.Event()
         self.tamper_to_server = threading.Event()
         self.tampered = threading.Event()
@@ -313,10 +317,12 @@ class TamperingRelay:
         server = socket.create_connection(self.target)
         threads = [
             threading.Thread(
-                target=self._pipe, args=(client, server, self.tamper_to_server), daemon=True
+                target=self._pipe,
+                args=(client, server, self.tamper_to_server, self.first_client_record_version),
+                daemon=True,
             ),
             threading.Thread(
-                target=self._pipe, args=(server, client, self.tamper_to_client), daemon=True
+                target=self._pipe, args=(server, client, self.tamper_to_client, None), daemon=True
             ),
         ]
         for t in threads:
@@ -326,7 +332,13 @@ class TamperingRelay:
         client.close()
         server.close()
 
-    def _pipe(self, src: socket.socket, dst: socket.socket, flag: threading.Event) -> None:
+    def _pipe(
+        self,
+        src: socket.socket,
+        dst: socket.socket,
+        flag: threading.Event,
+        first_version: int | None,
+    ) -> None:
         buffer = bytearray()
         try:
             while data := src.recv(65536):
@@ -337,6 +349,9 @@ class TamperingRelay:
                         break
                     record = bytearray(buffer[: 5 + length])
                     del buffer[: 5 + length]
+                    if first_version is not None:
+                        record[1:3] = first_version.to_bytes(2, "big")
+                        first_version = None
                     if flag.is_set() and record[0] == 23 and not self.tampered.is_set():
                         record[-1] ^= 0x01  # inside the AEAD tag
                         self.tampered.set()

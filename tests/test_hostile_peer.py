@@ -16,7 +16,6 @@ import itertools
 import os
 import select
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from ktls.session import next_generation
 from ktls.wire import ContentType, HandshakeType, KeyUpdateRequest
 
 from .conftest import assert_engine, rekey_expected
-from .peers import Certs, ThreadPeer, python_ssl_context, run_in_thread
+from .peers import Certs, TamperingRelay, ThreadPeer, python_ssl_context, run_in_thread
 
 
 def _nonce(iv: bytes, seq: int) -> bytes:
@@ -481,47 +480,6 @@ def test_pending_sees_data_behind_a_key_update(certs: Certs, engine: str) -> Non
 # -- the first record and the first moments --------------------------------------------------
 
 
-class VersionRewritingRelay:
-    """Relays one TCP connection, rewriting the record version of the client's first
-    record (its ClientHello) to 0x0300, as some clients legitimately send it."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.target = target
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    @property
-    def address(self) -> tuple[str, int]:
-        host, port = self.listener.getsockname()[:2]
-        return host, port
-
-    def _run(self) -> None:
-        client, _ = self.listener.accept()
-        server = socket.create_connection(self.target)
-        first = b""
-        while len(first) < 5:
-            first += client.recv(5 - len(first))
-        server.sendall(first[:1] + b"\x03\x00" + first[3:])
-
-        def pipe(src: socket.socket, dst: socket.socket) -> None:
-            with contextlib.suppress(OSError):
-                while data := src.recv(65536):
-                    dst.sendall(data)
-                dst.shutdown(socket.SHUT_WR)
-
-        threads = [
-            threading.Thread(target=pipe, args=(client, server), daemon=True),
-            threading.Thread(target=pipe, args=(server, client), daemon=True),
-        ]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        client.close()
-        server.close()
-
-
 @pytest.mark.parametrize("version", ["TLSv1.2", "TLSv1.3"])
 def test_client_hello_record_version_0x0300(certs: Certs, engine: str, version: str) -> None:
     """RFC 5246 E.1 / RFC 8446 5.1: a server accepts any {03,xx} in the record that
@@ -533,7 +491,8 @@ def test_client_hello_record_version_0x0300(certs: Certs, engine: str, version: 
         offload=engine,  # type: ignore[arg-type]
     )
     with server.listen(("127.0.0.1", 0)) as listener:
-        relay = VersionRewritingRelay(listener.getsockname())
+        # The first record (the ClientHello) says 0x0300, as some clients send it.
+        relay = TamperingRelay(listener.getsockname(), first_client_record_version=0x0300)
 
         def client() -> bytes:
             ctx = python_ssl_context(certs, server=False, version=version)
@@ -549,7 +508,7 @@ def test_client_hello_record_version_0x0300(certs: Certs, engine: str, version: 
         tls.sendall(b"world")
         assert peer.join() == b"world"
         tls.close()
-        relay.listener.close()
+        relay.close()
 
 
 def _wait_readable(sock: socket.socket) -> None:
