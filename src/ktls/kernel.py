@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
-from . import linux
+from . import linux, sockio
 from .engine import EngineName, RxEngine, TxEngine
 from .errors import (
     CipherUnsupported,
@@ -59,8 +59,7 @@ __all__ = [
 ]
 
 _CMSG_SPACE = socket.CMSG_SPACE(1)
-_MAX_READ = 1 << 20  # bytes of application data one read may return
-_TCP_CLOSE = 7  # tcpi_state once the connection is reset (include/net/tcp_states.h)
+_MAX_READ = 1 << 20  # bytes of application data one read may return (> one record)
 _KNOWN_TYPES = frozenset(ContentType.__members__.values())
 # What the kernel's RX errors mean, and the alert RFC 8446/5246 name for each.
 _RX_ERRORS: dict[int, tuple[str, AlertDescription]] = {
@@ -266,7 +265,7 @@ class KernelTx(_KernelDirection, TxEngine):
         # kernel's TLS send path swallows the error (it returns the bytes it took), and
         # from then on every send "succeeds" on a socket in state CLOSE with SO_ERROR 0,
         # where plain TCP raises EPIPE.  The TCP state after each call tells the truth.
-        if self._sock.getsockopt(socket.SOL_TCP, socket.TCP_INFO, 1)[0] == _TCP_CLOSE:
+        if sockio.tcp_state(self._sock) == sockio.TCP_CLOSE:
             code = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or errno.ECONNRESET
             raise ConnectionResetError(code, "the peer reset the connection")
 
@@ -316,7 +315,7 @@ class KernelRx(_KernelDirection, RxEngine):
     def read(self, bufsize: int, flags: int = 0) -> tuple[ContentType, bytes] | None:
         # Room for a whole record at least, so that a control record is never split;
         # at most _MAX_READ, so that a huge bufsize does not pin memory.
-        size = min(max(bufsize, MAX_PLAINTEXT + 1), max(_MAX_READ, MAX_PLAINTEXT + 1))
+        size = min(max(bufsize, MAX_PLAINTEXT + 1), _MAX_READ)
         try:
             try:
                 data, ancdata, _flags, _addr = self._sock.recvmsg(size, _CMSG_SPACE, flags)
@@ -410,7 +409,7 @@ def _loopback_pair() -> tuple[socket.socket, socket.socket]:
             continue
         client.settimeout(None)
         return client, server
-    raise _NoLoopback("; ".join(failures))
+    raise _NoLoopback(f"no usable loopback connection ({'; '.join(failures)})")
 
 
 def _dummy_keys(version: ProtocolVersion, cipher: Cipher) -> TrafficKeys:
@@ -469,7 +468,7 @@ def ulp_error() -> str | None:
     try:
         client, server = _loopback_pair()
     except _NoLoopback as exc:
-        return f"cannot try kernel TLS: no usable loopback connection ({exc})"
+        return f"cannot try kernel TLS: {exc}"
     with client, server:
         try:
             attach_ulp(client)
@@ -487,8 +486,7 @@ def cipher_errors(cipher: Cipher, version: ProtocolVersion) -> tuple[str | None,
     try:
         client, server = _loopback_pair()
     except _NoLoopback as exc:
-        reason = f"cannot try: no usable loopback connection ({exc})"
-        return reason, reason
+        return f"cannot try: {exc}", f"cannot try: {exc}"
     with client, server:
         attach_ulp(client)
         attach_ulp(server)
@@ -512,7 +510,7 @@ def _features() -> tuple[str | None, bool, bool]:
     try:
         client, server = _loopback_pair()
     except _NoLoopback as exc:
-        return f"cannot try: no usable loopback connection ({exc})", False, False
+        return f"cannot try: {exc}", False, False
     with client, server:
         attach_ulp(client)
         attach_ulp(server)

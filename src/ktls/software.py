@@ -8,11 +8,13 @@ loses any: a record that went out in part stays queued until the rest is sent.
 
 from __future__ import annotations
 
+import functools
+import math
 import os
-import select
 import socket
 import time
 
+from . import sockio
 from .engine import EngineName, RxEngine, TxEngine
 from .protection import RecordReceiver, RecordSender
 from .records import MAX_PLAINTEXT
@@ -64,19 +66,13 @@ class SoftwareTx(TxEngine):
         self._sent = 0
 
     def drain(self, timeout: float | None) -> bool:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            try:
-                self.flush(socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return False
-                poller = select.poll()
-                poller.register(self._sock.fileno(), select.POLLOUT)
-                poller.poll(None if remaining is None else max(1, int(remaining * 1000)))
-            else:
-                return True
+        deadline = math.inf if timeout is None else time.monotonic() + timeout
+        flush = functools.partial(self.flush, socket.MSG_DONTWAIT)
+        try:
+            sockio.retry(flush, self._sock.fileno(), True, deadline)
+        except TimeoutError:
+            return False
+        return True
 
     def _finish_interrupted(self, flags: int) -> int:
         """Push out what an interrupted call sealed; return that call's data length."""

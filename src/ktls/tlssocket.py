@@ -23,24 +23,20 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import functools
 import io
 import os
-import select
 import socket
-import sys
-import termios
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
 
-from . import handoff
+from . import handoff, sockio
 from .core import Connection, Data, Event, Failed, RxKeys, SendRecord
 from .errors import (
     BrokenError,
@@ -67,8 +63,6 @@ __all__ = ["TLSSocket"]
 
 _T = TypeVar("_T")
 _RECV_DEFAULT = 1 << 16
-_NO_WAIT = -1.0  # a deadline that says: non-blocking, raise BlockingIOError
-_TCP_CLOSE = 7  # tcpi_state after a reset (include/net/tcp_states.h)
 # What close() takes in from the peer, without waiting, before it closes (tickets, a
 # close_notify, data nobody will read): unread bytes would make the kernel reset the
 # connection, and the peer lose what it has not read yet.
@@ -191,32 +185,18 @@ class TLSSocket:
     # -- waiting ------------------------------------------------------------------------------
 
     def _deadline(self) -> float | None:
-        """When this call must give up: None never (blocking), _NO_WAIT at once."""
+        """When this call must give up: None never (blocking), NO_WAIT at once."""
         timeout = self._timeout
         if timeout is None:
             return None
-        return _NO_WAIT if timeout == 0 else time.monotonic() + timeout
+        return sockio.NO_WAIT if timeout == 0 else time.monotonic() + timeout
 
     def _wait_for(self, attempt: Callable[[], _T], writing: bool, deadline: float | None) -> _T:
         """Try ``attempt``; after EAGAIN wait for the fd until ``deadline`` and retry.
 
         With no deadline the socket is blocking and the attempt waits in the kernel.
         """
-        while True:
-            try:
-                return attempt()
-            except BlockingIOError:
-                if deadline is None or deadline == _NO_WAIT:
-                    raise
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError("timed out") from None
-                self._wait_fd(writing, remaining)
-
-    def _wait_fd(self, writing: bool, timeout: float) -> None:
-        poller = select.poll()
-        poller.register(self._sock.fileno(), select.POLLOUT if writing else select.POLLIN)
-        poller.poll(max(1, int(timeout * 1000 + 0.999)))
+        return sockio.retry(attempt, self._sock.fileno(), writing, deadline)
 
     # -- what was negotiated -----------------------------------------------------------------
 
@@ -507,25 +487,28 @@ class TLSSocket:
         On a non-blocking socket a BlockingIOError (or, with a timeout, TimeoutError)
         may come after the software engine sealed ``data`` in part: as with ``ssl``,
         call again with the same data and the call returns what had been taken."""
-        if flags:
-            raise ValueError("flags are not supported on a TLS socket")
-        core = self._established()
-        view = memoryview(data).cast("B")
-        with self._tx_lock:
-            tx = self._sending(core)
+        with self._sending_data(data, flags) as (core, tx, view):
             return self._send_some(core, tx, view, self._deadline())
 
     def sendall(self, data: Buffer, flags: int = 0) -> None:
         """Send all of ``data``; a timeout bounds the whole call."""
+        with self._sending_data(data, flags) as (core, tx, view):
+            deadline = self._deadline()
+            rest = view
+            while rest:
+                rest = rest[self._send_some(core, tx, rest, deadline) :]
+
+    @contextlib.contextmanager
+    def _sending_data(
+        self, data: Buffer, flags: int
+    ) -> Iterator[tuple[Connection, TxEngine, memoryview]]:
+        """What send() and sendall() share: checks, then the sending side held."""
         if flags:
             raise ValueError("flags are not supported on a TLS socket")
         core = self._established()
         view = memoryview(data).cast("B")
         with self._tx_lock:
-            tx = self._sending(core)
-            deadline = self._deadline()
-            while view:
-                view = view[self._send_some(core, tx, view, deadline) :]
+            yield core, self._sending(core), view
 
     def _send_some(
         self, core: Connection, tx: TxEngine, view: memoryview, deadline: float | None
@@ -696,8 +679,8 @@ class TLSSocket:
         while True:
             self._take_in_quietly(core)
             try:
-                in_flight = _unacknowledged(self._sock)
-                if in_flight and _tcp_state(self._sock) == _TCP_CLOSE:
+                in_flight = sockio.unacknowledged(self._sock)
+                if in_flight and sockio.tcp_state(self._sock) == sockio.TCP_CLOSE:
                     return  # reset: what is in flight will never be acknowledged
             except OSError:
                 return  # not TCP (TLS over a Unix socket pair): nothing to wait for
@@ -791,17 +774,6 @@ class TLSSocket:
         self._io_refs -= 1
         if self._closed and self._io_refs <= 0:
             self._real_close()
-
-
-def _tcp_state(sock: socket.socket) -> int:
-    """The TCP state (tcpi_state, the first byte of TCP_INFO)."""
-    return sock.getsockopt(socket.SOL_TCP, socket.TCP_INFO, 1)[0]
-
-
-def _unacknowledged(sock: socket.socket) -> int:
-    """Bytes we sent that the peer's kernel has not acknowledged yet (TIOCOUTQ)."""
-    raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
-    return int.from_bytes(raw, sys.byteorder, signed=True)
 
 
 def _read_failure(exc: OSError) -> KTLSError:
