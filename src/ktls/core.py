@@ -83,9 +83,10 @@ TicketSink = Callable[[bytes], None]
 
 @dataclass(frozen=True)
 class Data:
-    """Application data for the caller (never empty)."""
+    """Application data for the caller (never empty); a view of the engine's buffer
+    when the engine gave one, valid until the next read."""
 
-    data: bytes
+    data: bytes | memoryview
 
 
 @dataclass(frozen=True)
@@ -218,8 +219,9 @@ class Connection:
 
     # -- the receiving side ------------------------------------------------------------------
 
-    def receive_record(self, content_type: ContentType, data: bytes) -> list[Event]:
-        """One plaintext record (or, for application data, several merged)."""
+    def receive_record(self, content_type: ContentType, data: bytes | memoryview) -> list[Event]:
+        """One plaintext record (or, for application data, several merged).  Application
+        data comes back in a Data event as given (a view stays a view, no copy)."""
         if self.failure is not None:
             return [Failed(self.failure)]
         try:
@@ -231,9 +233,9 @@ class Connection:
                     AlertDescription.UNEXPECTED_MESSAGE,
                 )
             if content_type is ContentType.ALERT:
-                return self._receive_alert(data)
+                return self._receive_alert(bytes(data))
             if content_type is ContentType.HANDSHAKE:
-                return self._receive_handshake(data)
+                return self._receive_handshake(bytes(data))
             raise ProtocolViolation(
                 f"unexpected {content_type.name} record after the handshake",
                 AlertDescription.UNEXPECTED_MESSAGE,
@@ -258,7 +260,7 @@ class Connection:
             alert = error.alert
         return self._fail(error, alert)
 
-    def _receive_data(self, data: bytes) -> list[Event]:
+    def _receive_data(self, data: bytes | memoryview) -> list[Event]:
         if self._messages.pending():
             raise ProtocolViolation(
                 "application data inside a fragmented handshake message",

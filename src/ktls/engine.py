@@ -70,11 +70,14 @@ class TxEngine(Protocol):
 class RxEngine(Protocol):
     name: EngineName
 
-    def read(self, bufsize: int, flags: int = 0) -> tuple[ContentType, bytes] | None:
+    def read_into(
+        self, buffer: memoryview, flags: int = 0
+    ) -> tuple[ContentType, memoryview | int] | None:
         """The next plaintext: one whole non-data record, or application data (one record
-        or, from the kernel, several merged).  ``bufsize`` is a hint: more may come back
-        (never more than a record beyond it), and the caller keeps the rest.  None means
-        TCP end of stream.  Raises ProtocolViolation for a record that must not be
+        or, from the kernel, several merged).  The engine may put application data
+        straight into ``buffer`` (at most ``len(buffer)`` bytes) and return its length;
+        otherwise it returns a view of its own storage, valid until the next call.  None
+        means TCP end of stream.  Raises ProtocolViolation for a record that must not be
         accepted (the alert it names is owed to the peer)."""
 
     def ready(self) -> int | None:

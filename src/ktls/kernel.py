@@ -59,7 +59,7 @@ __all__ = [
 ]
 
 _CMSG_SPACE = socket.CMSG_SPACE(1)
-_MAX_READ = 1 << 20  # bytes of application data one read may return (> one record)
+_WHOLE_RECORD = MAX_PLAINTEXT + 1  # room that never cuts a record the kernel returns
 _KNOWN_TYPES = frozenset(ContentType.__members__.values())
 # What the kernel's RX errors mean, and the alert RFC 8446/5246 name for each.
 _RX_ERRORS: dict[int, tuple[str, AlertDescription]] = {
@@ -289,6 +289,7 @@ class KernelRx(_KernelDirection, RxEngine):
     """
 
     _direction = linux.TLS_RX
+    _scratch: memoryview | None = None  # for reads smaller than a record
 
     def rekey(self, keys: TrafficKeys) -> None:
         self._install(keys)
@@ -301,24 +302,30 @@ class KernelRx(_KernelDirection, RxEngine):
         control record (or an error, or the end) comes first: read it to find out.
         A peek, because poll can't be trusted for this (see the class docstring)."""
         try:
-            data, ancdata, _flags, _addr = self._sock.recvmsg(
-                MAX_PLAINTEXT + 1, _CMSG_SPACE, socket.MSG_PEEK | socket.MSG_DONTWAIT
+            count, ancdata, _flags, _addr = self._sock.recvmsg_into(
+                [self._room()], _CMSG_SPACE, socket.MSG_PEEK | socket.MSG_DONTWAIT
             )
         except BlockingIOError:
             return 0
         except OSError:
             return None
-        if not data or _record_type(ancdata) is not ContentType.APPLICATION_DATA:
+        if not count or _record_type(ancdata) is not ContentType.APPLICATION_DATA:
             return None
-        return len(data)
+        return count
 
-    def read(self, bufsize: int, flags: int = 0) -> tuple[ContentType, bytes] | None:
-        # Room for a whole record at least, so that a control record is never split;
-        # at most _MAX_READ, so that a huge bufsize does not pin memory.
-        size = min(max(bufsize, MAX_PLAINTEXT + 1), _MAX_READ)
+    def read_into(
+        self, buffer: memoryview, flags: int = 0
+    ) -> tuple[ContentType, memoryview | int] | None:
+        # Straight into the caller's buffer when a whole record fits (the kernel merges
+        # data records up to its size); a control record must never be cut, so a smaller
+        # buffer gets our own room.  A control record read into the caller's buffer
+        # leaves its bytes there, past the zero bytes of data the caller is told of.
+        target = buffer if len(buffer) >= _WHOLE_RECORD else self._room()
         try:
             try:
-                data, ancdata, _flags, _addr = self._sock.recvmsg(size, _CMSG_SPACE, flags)
+                count, ancdata, _flags, _addr = self._sock.recvmsg_into(
+                    [target], _CMSG_SPACE, flags
+                )
             except OSError as exc:
                 if exc.errno != errno.EKEYEXPIRED:
                     raise
@@ -329,16 +336,26 @@ class KernelRx(_KernelDirection, RxEngine):
                         linux.SOL_TLS, self._direction, linux.crypto_info_size(self._cipher)
                     )
                 )
-                data, ancdata, _flags, _addr = self._sock.recvmsg(size, _CMSG_SPACE, flags)
+                count, ancdata, _flags, _addr = self._sock.recvmsg_into(
+                    [target], _CMSG_SPACE, flags
+                )
         except OSError as exc:
             known = _RX_ERRORS.get(exc.errno or 0)
             if known is None:
                 raise
             raise ProtocolViolation(f"kernel TLS: {known[0]}", known[1]) from exc
         content_type = _record_type(ancdata)
-        if not data and content_type is ContentType.APPLICATION_DATA and not ancdata:
-            return None
-        return content_type, data
+        if content_type is ContentType.APPLICATION_DATA:
+            if not count and not ancdata:
+                return None
+            if target is buffer:
+                return content_type, count
+        return content_type, target[:count]
+
+    def _room(self) -> memoryview:
+        if self._scratch is None:
+            self._scratch = memoryview(bytearray(_WHOLE_RECORD))
+        return self._scratch
 
     def _install_raw(self, info: bytes) -> None:
         try:

@@ -18,16 +18,19 @@ from cryptography.hazmat.primitives.ciphers.aead import AESCCM, AESGCM, ChaCha20
 
 from .errors import ProtocolViolation, SoftwareUnsupported
 from .records import (
+    HEADER_LEN,
     MAX_PLAINTEXT,
     PROTECTED_VERSIONS,
-    RecordBuffer,
     RecordHeader,
     encode_header,
     max_ciphertext,
+    parse_header_from,
 )
 from .session import TrafficKeys
 from .suites import Cipher
 from .wire import AlertDescription, ContentType, ProtocolVersion
+
+_Bytes = bytes | bytearray | memoryview
 
 __all__ = ["Opener", "RecordReceiver", "RecordSender", "Sealer", "software_supports"]
 
@@ -36,8 +39,13 @@ _SEQ_LIMIT = 1 << 64
 
 
 class _AEAD(Protocol):
-    def encrypt(self, nonce: bytes, data: bytes, associated_data: bytes | None) -> bytes: ...
-    def decrypt(self, nonce: bytes, data: bytes, associated_data: bytes | None) -> bytes: ...
+    # The *_into forms (cryptography >= 47) work in place: no allocation per record.
+    def encrypt_into(
+        self, nonce: bytes, data: _Bytes, associated_data: bytes | None, buf: memoryview
+    ) -> int: ...
+    def decrypt_into(
+        self, nonce: bytes, data: _Bytes, associated_data: bytes | None, buf: memoryview
+    ) -> int: ...
 
 
 def _make_aead(cipher: Cipher, key: bytes) -> _AEAD:
@@ -56,11 +64,6 @@ def software_supports(cipher: Cipher) -> bool:
     return cipher.name in ("AES-128-GCM", "AES-256-GCM", "AES-128-CCM", "CHACHA20-POLY1305")
 
 
-def _xor_nonce(iv: bytes, seq: int) -> bytes:
-    padded = seq.to_bytes(len(iv), "big")
-    return bytes(a ^ b for a, b in zip(iv, padded, strict=True))
-
-
 class _Direction:
     """State shared by both directions: cipher, key, IV and the record sequence number."""
 
@@ -77,10 +80,15 @@ class _Direction:
         self.seq = seq
         self._aead = _make_aead(cipher, key)
         self._iv = iv
+        # TLS 1.3 and ChaCha20 (RFC 8446 5.3, RFC 7905): nonce = iv XOR the padded
+        # sequence number; TLS 1.2 GCM/CCM: salt + explicit nonce.
+        self._tls13 = version is ProtocolVersion.TLS1_3
+        self._xor_nonce = self._tls13 or not cipher.salt_len
+        self._iv_int = int.from_bytes(iv, "big")
 
     def _nonce(self, explicit: bytes) -> bytes:
-        if self.version is ProtocolVersion.TLS1_3 or not self.cipher.salt_len:
-            return _xor_nonce(self._iv, self.seq)
+        if self._xor_nonce:
+            return (self._iv_int ^ self.seq).to_bytes(len(self._iv), "big")
         return self._iv + explicit
 
     def _check_seq(self) -> None:
@@ -106,6 +114,10 @@ class Sealer(_Direction):
         # TLS 1.2 GCM/CCM: the 8-byte explicit nonce is ours to choose but must never
         # repeat under one key; continue from where OpenSSL stopped (or from seq).
         self.explicit_nonce = seq if explicit_nonce is None else explicit_nonce
+        if version is ProtocolVersion.TLS1_3:
+            self.overhead = HEADER_LEN + 1 + cipher.tag_len  # + inner content type
+        else:
+            self.overhead = HEADER_LEN + cipher.tls12_explicit_nonce_len + cipher.tag_len
 
     @classmethod
     def from_keys(cls, version: ProtocolVersion, cipher: Cipher, keys: TrafficKeys) -> Sealer:
@@ -113,24 +125,40 @@ class Sealer(_Direction):
         return cls(version, cipher, keys.key, keys.iv, keys.seq, keys.explicit_nonce)
 
     def seal(self, content_type: ContentType, plaintext: bytes) -> bytes:
-        if len(plaintext) > MAX_PLAINTEXT:
+        out = bytearray(len(plaintext) + self.overhead)
+        self.seal_into(content_type, plaintext, memoryview(out))
+        return bytes(out)
+
+    def seal_into(self, content_type: ContentType, plaintext: _Bytes, out: memoryview) -> int:
+        """Write one record protecting ``plaintext`` at the start of ``out`` (which has
+        room for ``len(plaintext) + overhead`` bytes); return the record's length."""
+        size = len(plaintext)
+        if size > MAX_PLAINTEXT:
             raise ValueError(f"record plaintext over {MAX_PLAINTEXT} bytes")
         self._check_seq()
-        tag = self.cipher.tag_len
-        if self.version is ProtocolVersion.TLS1_3:
-            inner = plaintext + bytes((content_type,))
-            header = encode_header(ContentType.APPLICATION_DATA, len(inner) + tag)
-            body = self._aead.encrypt(self._nonce(b""), inner, header)
+        end = size + self.overhead
+        if self._tls13:
+            header = encode_header(ContentType.APPLICATION_DATA, end - HEADER_LEN)
+            inner_end = HEADER_LEN + size + 1
+            out[:HEADER_LEN] = header
+            out[HEADER_LEN : inner_end - 1] = plaintext
+            out[inner_end - 1] = content_type
+            # Encrypted in place: the inner plaintext is already where the ciphertext goes.
+            self._aead.encrypt_into(
+                self._nonce(b""), out[HEADER_LEN:inner_end], header, out[HEADER_LEN:end]
+            )
         else:
             explicit = b""
             if self.cipher.tls12_explicit_nonce_len:
                 explicit = (self.explicit_nonce % _SEQ_LIMIT).to_bytes(8, "big")
                 self.explicit_nonce += 1
-            aad = _SEQ.pack(self.seq) + encode_header(content_type, len(plaintext))
-            body = explicit + self._aead.encrypt(self._nonce(explicit), plaintext, aad)
-            header = encode_header(content_type, len(body))
+            sealed_at = HEADER_LEN + len(explicit)
+            out[:HEADER_LEN] = encode_header(content_type, end - HEADER_LEN)
+            out[HEADER_LEN:sealed_at] = explicit
+            aad = _SEQ.pack(self.seq) + encode_header(content_type, size)
+            self._aead.encrypt_into(self._nonce(explicit), plaintext, aad, out[sealed_at:end])
         self.seq += 1
-        return header + body
+        return end
 
 
 class Opener(_Direction):
@@ -145,9 +173,17 @@ class Opener(_Direction):
 
         Never returns a byte that failed authentication.
         """
+        content_type, plaintext = self.open_in_place(header, memoryview(bytearray(body)))
+        return content_type, bytes(plaintext)
+
+    def open_in_place(
+        self, header: RecordHeader, body: memoryview
+    ) -> tuple[ContentType, memoryview]:
+        """Like :meth:`open`, decrypting ``body`` where it lies: the plaintext returned
+        is a part of ``body``, and ``body`` holds garbage after a failure."""
         self._check_seq()
         tag = self.cipher.tag_len
-        if self.version is ProtocolVersion.TLS1_3:
+        if self._tls13:
             if header.content_type != ContentType.APPLICATION_DATA:
                 raise ProtocolViolation(
                     f"unprotected record of type {header.content_type} after the handshake",
@@ -163,20 +199,21 @@ class Opener(_Direction):
                 raise ProtocolViolation(
                     "inner plaintext too long", AlertDescription.RECORD_OVERFLOW
                 )
-            stripped = inner.rstrip(b"\x00")  # RFC 8446 5.4: padding is zeros after the type
-            if not stripped:
+            # RFC 8446 5.4: padding is zeros after the content type.
+            end = len(inner) if inner[-1] else len(bytes(inner).rstrip(b"\x00"))
+            if not end:
                 raise ProtocolViolation(
                     "record with no content type (all padding)",
                     AlertDescription.UNEXPECTED_MESSAGE,
                 )
-            content_type, plaintext = stripped[-1], stripped[:-1]
+            content_type, plaintext = inner[end - 1], inner[: end - 1]
         else:
             explicit_len = self.cipher.tls12_explicit_nonce_len
             if len(body) > MAX_PLAINTEXT + 2048:
                 raise ProtocolViolation("record too long", AlertDescription.RECORD_OVERFLOW)
             if len(body) < explicit_len + tag:
                 raise ProtocolViolation("record too short", AlertDescription.BAD_RECORD_MAC)
-            explicit, sealed = body[:explicit_len], body[explicit_len:]
+            explicit, sealed = bytes(body[:explicit_len]), body[explicit_len:]
             aad = _SEQ.pack(self.seq) + encode_header(
                 header.content_type, len(sealed) - tag, header.legacy_version
             )
@@ -185,23 +222,29 @@ class Opener(_Direction):
             if len(plaintext) > MAX_PLAINTEXT:
                 raise ProtocolViolation("plaintext too long", AlertDescription.RECORD_OVERFLOW)
         self.seq += 1
-        if content_type not in ContentType.__members__.values() or (
-            content_type == ContentType.CHANGE_CIPHER_SPEC
-        ):
+        if content_type not in _OPEN_TYPES:
             raise ProtocolViolation(
                 f"unexpected inner content type {content_type}",
                 AlertDescription.UNEXPECTED_MESSAGE,
             )
-        return ContentType(content_type), plaintext
+        return _OPEN_TYPES[content_type], plaintext
 
-    def _decrypt(self, nonce: bytes, sealed: bytes, aad: bytes) -> bytes:
+    def _decrypt(self, nonce: bytes, sealed: memoryview, aad: bytes) -> memoryview:
+        """Decrypt and authenticate in place: the plaintext is the front of ``sealed``."""
+        plaintext = sealed[: len(sealed) - self.cipher.tag_len]
         try:
-            return self._aead.decrypt(nonce, sealed, aad)
+            self._aead.decrypt_into(nonce, sealed, aad, plaintext)
         except InvalidTag:
             raise ProtocolViolation(
                 "record failed authentication (tampered or wrong key)",
                 AlertDescription.BAD_RECORD_MAC,
             ) from None
+        return plaintext
+
+
+# What a protected record may carry (change_cipher_spec never: RFC 8446 5, RFC 5246 7.1
+# after the handshake), by wire value.
+_OPEN_TYPES = {t.value: t for t in ContentType if t is not ContentType.CHANGE_CIPHER_SPEC}
 
 
 class RecordSender:
@@ -213,54 +256,116 @@ class RecordSender:
         self._cipher = cipher
         self._sealer = Sealer.from_keys(version, cipher, keys)
 
-    def seal_data(self, data: memoryview) -> bytes:
-        """``data`` as application data records of at most 2^14 bytes each."""
-        seal = self._sealer.seal
-        return b"".join(
-            seal(ContentType.APPLICATION_DATA, bytes(data[i : i + MAX_PLAINTEXT]))
-            for i in range(0, len(data), MAX_PLAINTEXT)
-        )
+    def sealed_size(self, size: int) -> int:
+        """The most bytes :meth:`seal_data_into` writes for ``size`` bytes of data."""
+        records = -(-size // MAX_PLAINTEXT)
+        return size + records * self._sealer.overhead
 
-    def seal(self, content_type: ContentType, payload: bytes) -> bytes:
-        return self._sealer.seal(content_type, payload)
+    def seal_data_into(self, data: memoryview, out: memoryview) -> int:
+        """``data`` as application data records of at most 2^14 bytes each, written to
+        ``out`` (room for :meth:`sealed_size` bytes); return the bytes written."""
+        seal_into = self._sealer.seal_into
+        written = 0
+        for start in range(0, len(data), MAX_PLAINTEXT):
+            written += seal_into(
+                ContentType.APPLICATION_DATA, data[start : start + MAX_PLAINTEXT], out[written:]
+            )
+        return written
+
+    def seal_into(self, content_type: ContentType, payload: bytes, out: memoryview) -> int:
+        """One non-data record into ``out`` (room for ``len(payload) + overhead``)."""
+        return self._sealer.seal_into(content_type, payload, out)
+
+    @property
+    def overhead(self) -> int:
+        """Bytes a record adds to its plaintext (header, explicit nonce, tag...)."""
+        return self._sealer.overhead
 
     def rekey(self, keys: TrafficKeys) -> None:
         self._sealer = Sealer.from_keys(self._version, self._cipher, keys)
 
 
+# Room a receiver keeps for bytes from the socket, beyond one partial record.
+_RECEIVE_ROOM = 1 << 17
+
+
 class RecordReceiver:
-    """One receiving direction as a stream: bytes in, whole opened records out."""
+    """One receiving direction as a stream: bytes in, whole opened records out.
+
+    The receiver owns its buffer so that records are read into it and opened where
+    they lie: :meth:`receive_buffer` gives room for the next bytes (``recv_into``),
+    :meth:`received` says how many came.  A plaintext returned by :meth:`next_record`
+    is a view into that buffer, valid until the next :meth:`receive_buffer` or
+    :meth:`feed`.
+    """
 
     def __init__(self, version: ProtocolVersion, cipher: Cipher, keys: TrafficKeys) -> None:
         self._version = version
         self._cipher = cipher
         self._opener = Opener.from_keys(version, cipher, keys)
-        self._records = RecordBuffer(
-            max_length=max_ciphertext(version), versions=PROTECTED_VERSIONS
-        )
+        self._max_length = max_ciphertext(version)
+        self._buffer = bytearray(_RECEIVE_ROOM + HEADER_LEN + self._max_length)
+        self._view = memoryview(self._buffer)
+        self._start = 0  # first byte not yet taken by next_record
+        self._end = 0  # end of the bytes received
+
+    def receive_buffer(self) -> memoryview:
+        """Room for incoming bytes (at least 128 KiB); call :meth:`received` after."""
+        if self._start:  # move the start of a partial record to the front
+            kept = self._end - self._start
+            self._view[:kept] = self._view[self._start : self._end]
+            self._start, self._end = 0, kept
+        if len(self._buffer) - self._end < _RECEIVE_ROOM:  # only after feed() of a lot
+            self._buffer = self._buffer[: self._end] + bytearray(_RECEIVE_ROOM)
+            self._view = memoryview(self._buffer)
+        return self._view[self._end :]
+
+    def received(self, count: int) -> None:
+        self._end += count
 
     def feed(self, data: bytes) -> None:
-        self._records.feed(data)
+        """Take bytes that were read elsewhere."""
+        while data:
+            room = self.receive_buffer()
+            count = min(len(room), len(data))
+            room[:count] = data[:count]
+            self.received(count)
+            data = data[count:]
 
-    def next_record(self) -> tuple[ContentType, bytes] | None:
+    def _header(self) -> RecordHeader | None:
+        if self._end - self._start < HEADER_LEN:
+            return None
+        return parse_header_from(
+            self._buffer, self._start, max_length=self._max_length, versions=PROTECTED_VERSIONS
+        )
+
+    def next_record(self) -> tuple[ContentType, memoryview] | None:
         """The next record's (content type, plaintext), or None until more bytes come.
         Raises ProtocolViolation for anything that must not be accepted."""
-        record = self._records.next_record()
-        return None if record is None else self._opener.open(*record)
+        header = self._header()
+        if header is None:
+            return None
+        body_at = self._start + HEADER_LEN
+        end = body_at + header.length
+        if end > self._end:
+            return None
+        self._start = end
+        if end == self._end:  # all taken: the next bytes go to the front, no move
+            self._start = self._end = 0
+        return self._opener.open_in_place(header, self._view[body_at:end])
 
     def has_record(self) -> bool:
         """Whether a whole record (or a header already known to be bad) is buffered:
         :meth:`next_record` then answers without more bytes."""
-        if not self._records.pending():
-            return False
         try:
-            return self._records.needed() == 0
+            header = self._header()
         except ProtocolViolation:
             return True
+        return header is not None and self._end - self._start >= HEADER_LEN + header.length
 
     @property
     def buffered_bytes(self) -> int:
-        return self._records.pending()
+        return self._end - self._start
 
     def rekey(self, keys: TrafficKeys) -> None:
         self._opener = Opener.from_keys(self._version, self._cipher, keys)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .errors import ProtocolViolation
 from .wire import AlertDescription, AlertLevel, ContentType, HandshakeType, KeyUpdateRequest
@@ -32,6 +33,7 @@ __all__ = [
     "max_ciphertext",
     "parse_alert",
     "parse_header",
+    "parse_header_from",
     "parse_key_update",
 ]
 
@@ -52,11 +54,14 @@ def max_ciphertext(version: int) -> int:
     return _MAX_CIPHERTEXT[version]
 
 
-@dataclass(frozen=True)
-class RecordHeader:
+class RecordHeader(NamedTuple):
+    # A named tuple, not a dataclass: one is made per record, on the data path.
     content_type: int
     legacy_version: int
     length: int
+
+
+_CONTENT_TYPES = frozenset(ContentType.__members__.values())
 
 
 def parse_header(
@@ -71,8 +76,19 @@ def parse_header(
             f"record header must be {HEADER_LEN} bytes, got {len(data)}",
             AlertDescription.DECODE_ERROR,
         )
-    content_type, version, length = _HEADER.unpack(data)
-    if content_type not in ContentType.__members__.values():
+    return parse_header_from(data, 0, max_length=max_length, versions=versions)
+
+
+def parse_header_from(
+    buffer: bytes | bytearray | memoryview,
+    offset: int,
+    *,
+    max_length: int = MAX_PLAINTEXT + 2048,
+    versions: frozenset[int] = HANDSHAKE_VERSIONS,
+) -> RecordHeader:
+    """:func:`parse_header` of the 5 bytes at ``offset`` in ``buffer`` (no copy)."""
+    content_type, version, length = _HEADER.unpack_from(buffer, offset)
+    if content_type not in _CONTENT_TYPES:
         raise ProtocolViolation(
             f"unknown record content type {content_type}", AlertDescription.UNEXPECTED_MESSAGE
         )

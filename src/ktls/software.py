@@ -16,6 +16,7 @@ import time
 
 from . import sockio
 from .engine import EngineName, RxEngine, TxEngine
+from .errors import ProtocolViolation
 from .protection import RecordReceiver, RecordSender
 from .records import MAX_PLAINTEXT
 from .session import TrafficKeys
@@ -24,7 +25,6 @@ from .wire import ContentType, ProtocolVersion
 
 __all__ = ["SoftwareRx", "SoftwareTx"]
 
-_READ_SIZE = 1 << 17
 # Plaintext sealed per send call: bounds memory and the data a retry must repeat.
 _SEND_MAX = 16 * MAX_PLAINTEXT
 _FILE_CHUNK = _SEND_MAX
@@ -38,32 +38,39 @@ class SoftwareTx(TxEngine):
     ) -> None:
         self._sock = sock
         self._sender = RecordSender(version, cipher, keys)
-        self._out = bytearray()  # sealed bytes not yet taken by the socket
-        self._sent = 0  # how much of _out went out already
+        # Sealed bytes not yet taken by the socket are _out[_sent:_filled].  The buffer
+        # is reused from the start once all went out: no allocation per call.
+        self._out = bytearray(self._sender.sealed_size(_SEND_MAX))
+        self._filled = 0
+        self._sent = 0
         # Plaintext length of the data records in _out from a call that could not finish:
         # the caller retries with the same data and is told it was taken.
         self._taken_pending = 0
 
     @property
     def queued(self) -> bool:
-        return self._sent < len(self._out)
+        return self._sent < self._filled
+
+    def _room(self, size: int) -> memoryview:
+        """Room for ``size`` more sealed bytes after what is queued."""
+        missing = self._filled + size - len(self._out)
+        if missing > 0:  # control records piling up behind a blocked socket
+            self._out += bytes(missing)
+        return memoryview(self._out)[self._filled : self._filled + size]
 
     def queue_record(self, content_type: ContentType, payload: bytes) -> None:
-        self._out += self._sender.seal(content_type, payload)
+        room = self._room(len(payload) + self._sender.overhead)
+        self._filled += self._sender.seal_into(content_type, payload, room)
 
     def queue_keys(self, keys: TrafficKeys) -> None:
         # What is queued is sealed already: the new keys apply from here on.
         self._sender.rekey(keys)
 
     def flush(self, flags: int = 0) -> None:
-        out = memoryview(self._out)
-        try:
-            while self._sent < len(out):
-                self._sent += self._sock.send(out[self._sent :], flags)
-        finally:
-            out.release()
-        self._out.clear()
-        self._sent = 0
+        with memoryview(self._out) as out:
+            while self._sent < self._filled:
+                self._sent += self._sock.send(out[self._sent : self._filled], flags)
+        self._filled = self._sent = 0
 
     def drain(self, timeout: float | None) -> bool:
         deadline = math.inf if timeout is None else time.monotonic() + timeout
@@ -89,7 +96,9 @@ class SoftwareTx(TxEngine):
         chunk = data[:_SEND_MAX]
         if not chunk:
             return 0
-        self._out += self._sender.seal_data(chunk)
+        room = self._room(self._sender.sealed_size(len(chunk)))
+        self._filled += self._sender.seal_data_into(chunk, room)
+        room.release()  # the buffer may grow later
         self._taken_pending = len(chunk)
         return self._finish_interrupted(flags)
 
@@ -114,22 +123,68 @@ class SoftwareRx(RxEngine):
     ) -> None:
         self._sock = sock
         self._receiver = RecordReceiver(version, cipher, keys)
+        # Opened while filling a caller's buffer, for the next call: a record that did
+        # not fit or is not data, or the violation found in the record after the data.
+        self._held: tuple[ContentType, memoryview] | ProtocolViolation | None = None
 
-    def read(self, bufsize: int, flags: int = 0) -> tuple[ContentType, bytes] | None:
+    def read_into(
+        self, buffer: memoryview, flags: int = 0
+    ) -> tuple[ContentType, memoryview | int] | None:
+        # Like the kernel: consecutive data records already here are merged into the
+        # caller's buffer (one call, one trip through the driver); a record is opened
+        # where it lies, so the one copy is into ``buffer``.  Anything else is returned
+        # as a view of the receiver's buffer, valid until the next call.
+        record = self._next_record(flags)
+        if record is None:
+            return None
+        content_type, plaintext = record
+        if content_type is not ContentType.APPLICATION_DATA or len(plaintext) > len(buffer):
+            return record
+        filled = len(plaintext)
+        buffer[:filled] = plaintext
+        while filled < len(buffer):
+            try:
+                following = self._receiver.next_record()
+            except ProtocolViolation as exc:
+                self._held = exc  # this call's data is good; the next call fails
+                break
+            if following is None:
+                break
+            content_type, plaintext = following
+            if content_type is not ContentType.APPLICATION_DATA or (
+                len(plaintext) > len(buffer) - filled
+            ):
+                self._held = following
+                break
+            buffer[filled : filled + len(plaintext)] = plaintext
+            filled += len(plaintext)
+        return ContentType.APPLICATION_DATA, filled
+
+    def _next_record(self, flags: int) -> tuple[ContentType, memoryview] | None:
+        held, self._held = self._held, None
+        if isinstance(held, ProtocolViolation):
+            raise held
+        if held is not None:
+            return held
         while True:
             record = self._receiver.next_record()
             if record is not None:
                 return record
-            # Whatever the caller asked for: the records come whole, this much at a time.
-            data = self._sock.recv(_READ_SIZE, flags)
-            if not data:
+            room = self._receiver.receive_buffer()
+            count = self._sock.recv_into(room, 0, flags)
+            if not count:
                 return None  # a record cut short by the end of the stream is truncation too
-            self._receiver.feed(data)
+            self._receiver.received(count)
 
     def ready(self) -> int | None:
         # A whole record in user space (select() won't show it) must be opened to know
         # its type; bytes still in the socket are for select() to see.
-        return None if self._receiver.has_record() else 0
+        held = self._held
+        if held is None:
+            return None if self._receiver.has_record() else 0
+        if isinstance(held, tuple) and held[0] is ContentType.APPLICATION_DATA:
+            return len(held[1])
+        return None
 
     def rekey(self, keys: TrafficKeys) -> None:
         self._receiver.rekey(keys)

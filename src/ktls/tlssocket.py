@@ -62,7 +62,10 @@ if TYPE_CHECKING:
 __all__ = ["TLSSocket"]
 
 _T = TypeVar("_T")
-_RECV_DEFAULT = 1 << 16
+# What recv() reads into at most: a huge bufsize must not allocate that much.
+_RECV_ROOM = 1 << 18
+_NOTHING = memoryview(b"")
+_NO_ROOM = memoryview(bytearray())  # a read that only takes in (pending, close)
 # What close() takes in from the peer, without waiting, before it closes (tickets, a
 # close_notify, data nobody will read): unread bytes would make the kernel reset the
 # connection, and the peer lose what it has not read yet.
@@ -90,7 +93,9 @@ class TLSSocket:
         self._core: Connection | None = None
         self._tx: TxEngine | None = None
         self._rx: RxEngine | None = None
-        self._unread = bytearray()  # application data read but not yet returned
+        # Application data read but not yet returned: a view of the engine's storage,
+        # valid until the engine reads again (which it does only once this is empty).
+        self._unread = _NOTHING
         self._lock = threading.Lock()  # the core's state; never held while waiting
         self._rx_lock = threading.Lock()  # one reader at a time
         self._tx_lock = threading.Lock()  # one writer at a time
@@ -347,9 +352,11 @@ class TLSSocket:
             raise ValueError("flags are not supported on a TLS socket")
         if bufsize < 0:
             raise ValueError("negative buffersize in recv")
-        return self._read(bufsize)
+        buffer = memoryview(bytearray(min(bufsize, _RECV_ROOM)))
+        return bytes(buffer[: self._read_into(buffer)])
 
     def recv_into(self, buffer: Buffer, nbytes: int = 0, flags: int = 0) -> int:
+        """Read into ``buffer``: from the kernel engine straight into it, no copy."""
         if flags:
             raise ValueError("flags are not supported on a TLS socket")
         view = memoryview(buffer).cast("B")
@@ -357,9 +364,7 @@ class TLSSocket:
             raise ValueError("negative buffersize in recv_into")
         if nbytes > len(view):  # checked before reading, so nothing read is lost
             raise ValueError("buffer too small for requested bytes")
-        data = self._read(nbytes or len(view))
-        view[: len(data)] = data
-        return len(data)
+        return self._read_into(view[: nbytes or len(view)])
 
     def pending(self) -> int:
         """Bytes of application data ``recv`` can return without waiting: check this
@@ -376,14 +381,14 @@ class TLSSocket:
                 ready = rx.ready()
                 if ready is not None:
                     return ready
-                self._read_step(core, rx, _RECV_DEFAULT, None, socket.MSG_DONTWAIT)
+                self._read_step(core, rx, _NO_ROOM, None, socket.MSG_DONTWAIT)
         except (KTLSError, OSError):
             return 0  # the next recv reports it
         finally:
             self._rx_lock.release()
         return len(self._unread)
 
-    def _read(self, bufsize: int) -> bytes:
+    def _read_into(self, view: memoryview) -> int:
         core = self._established()
         rx = self._rx
         assert rx is not None
@@ -391,30 +396,35 @@ class TLSSocket:
             deadline = self._deadline()
             while True:
                 if self._unread:
-                    data = bytes(self._unread[:bufsize])
-                    del self._unread[:bufsize]
-                    return data
+                    count = min(len(view), len(self._unread))
+                    view[:count] = self._unread[:count]
+                    self._unread = self._unread[count:]
+                    return count
                 self._check_open()
                 with self._lock:
                     core.check_usable()
                     if core.peer_closed:
-                        return b""
-                if not bufsize:
-                    return b""
-                self._read_step(core, rx, bufsize, deadline)
+                        return 0
+                if not view:
+                    return 0
+                count = self._read_step(core, rx, view, deadline)
+                if count:
+                    return count
 
     def _read_step(
         self,
         core: Connection,
         rx: RxEngine,
-        bufsize: int,
+        view: memoryview,
         deadline: float | None,
         flags: int = 0,
-    ) -> None:
-        """One record (or run of data) from the engine through the core."""
+    ) -> int:
+        """One record (or run of data) from the engine through the core; return how
+        much application data is in ``view`` (the rest waits in ``_unread``)."""
         events: list[Event]
+        placed = 0
         try:
-            record = self._wait_for(lambda: rx.read(bufsize, flags), False, deadline)
+            record = self._wait_for(lambda: rx.read_into(view, flags), False, deadline)
         except ProtocolViolation as exc:
             with self._lock:
                 events = [core.receive_error(exc)]
@@ -424,11 +434,22 @@ class TLSSocket:
             with self._lock:
                 events = [core.receive_error(_read_failure(exc))]
         else:
-            with self._lock:
-                events = core.receive_eof() if record is None else core.receive_record(*record)
+            if record is None:
+                with self._lock:
+                    events = core.receive_eof()
+            else:
+                content_type, payload = record
+                if isinstance(payload, int):  # the engine put it in place
+                    placed, payload = payload, view[:payload]
+                with self._lock:
+                    events = core.receive_record(content_type, payload)
         for event in events:
             if isinstance(event, Data):
-                self._unread += event.data
+                if not placed:
+                    placed = min(len(view), len(event.data))
+                    if placed:
+                        view[:placed] = event.data[:placed]
+                    self._unread = memoryview(event.data)[placed:]
             elif isinstance(event, RxKeys):
                 try:
                     rx.rekey(event.keys)
@@ -442,6 +463,7 @@ class TLSSocket:
             # PeerClosed: the core knows; the next read returns b"".
         if core.has_output:
             self._answer_without_waiting(core)
+        return placed
 
     def _answer_without_waiting(self, core: Connection) -> None:
         """Send what the reader owes the peer, only if that needs no waiting at all."""
@@ -698,19 +720,22 @@ class TLSSocket:
             return
         try:
             while self._taken_in < _DRAIN_LIMIT and core.failure is None:
-                record = rx.read(_RECV_DEFAULT, socket.MSG_DONTWAIT)
+                record = rx.read_into(_NO_ROOM, socket.MSG_DONTWAIT)
                 if record is None:
                     break
+                content_type, payload = record
+                if isinstance(payload, int):  # (never: no data fits in no room)
+                    payload = _NO_ROOM[:payload]
                 with self._lock:
-                    events = core.receive_record(*record)
+                    events = core.receive_record(content_type, payload)
                 for event in events:
                     if isinstance(event, RxKeys):
                         rx.rekey(event.keys)
-                self._taken_in += len(record[1])
+                self._taken_in += len(payload)
         except (OSError, KTLSError):
             pass  # nothing more to take in now
         finally:
-            self._unread.clear()
+            self._unread = _NOTHING
             self._rx_lock.release()
 
     def _check_open(self) -> None:
