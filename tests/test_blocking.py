@@ -199,6 +199,37 @@ def test_huge_recv_does_not_allocate_it(certs: Certs, engine: str) -> None:
         tls.close()
 
 
+def test_recv_into_copies_into_the_callers_buffer_only(certs: Certs, engine: str) -> None:
+    """recv_into allocates nothing per call: the kernel engine reads straight into the
+    caller's buffer, the software engine opens records in a buffer it reuses."""
+    payload = os.urandom(4 << 20)
+    server_ctx = python_ssl_context(certs, server=True)
+
+    def send_all(conn: ssl.SSLSocket) -> bytes:
+        conn.sendall(payload)
+        return conn.recv(1)
+
+    from .peers import python_ssl_server  # noqa: PLC0415
+
+    with python_ssl_server(server_ctx, send_all) as (address, peer):
+        tls = _client(certs, engine).connect(address, server_hostname="localhost")
+        assert_engine(tls, engine)
+        into = memoryview(bytearray(len(payload)))
+        received = tls.recv_into(into[: 256 << 10])  # the first read may set things up
+        tracemalloc.start()
+        try:
+            while received < len(payload):
+                received += tls.recv_into(into[received : received + (256 << 10)])
+            _current, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert into == payload
+        assert peak < 16 * 1024, f"recv_into allocated {peak} bytes at its peak"
+        tls.sendall(b"!")
+        peer.join()
+        tls.close()
+
+
 # -- threads: a reader never waits for a writer ------------------------------------------------
 
 

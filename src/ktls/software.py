@@ -67,6 +67,8 @@ class SoftwareTx(TxEngine):
         self._sender.rekey(keys)
 
     def flush(self, flags: int = 0) -> None:
+        if self._sent == self._filled:
+            return
         with memoryview(self._out) as out:
             while self._sent < self._filled:
                 self._sent += self._sock.send(out[self._sent : self._filled], flags)

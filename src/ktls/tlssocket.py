@@ -29,7 +29,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn, TypeVar
 
 from cryptography import x509
@@ -424,7 +424,10 @@ class TLSSocket:
         events: list[Event]
         placed = 0
         try:
-            record = self._wait_for(lambda: rx.read_into(view, flags), False, deadline)
+            if deadline is None:  # blocking: the engine waits in the kernel
+                record = rx.read_into(view, flags)
+            else:
+                record = self._wait_for(lambda: rx.read_into(view, flags), False, deadline)
         except ProtocolViolation as exc:
             with self._lock:
                 events = [core.receive_error(exc)]
@@ -501,7 +504,11 @@ class TLSSocket:
         self._check_open()
         with self._lock:
             core.check_can_send()
-        return self._move_output(core)
+        if core.has_output:
+            return self._move_output(core)
+        tx = self._tx
+        assert tx is not None
+        return tx
 
     def send(self, data: Buffer, flags: int = 0) -> int:
         """Send some of ``data``; return how much was taken.
@@ -509,28 +516,24 @@ class TLSSocket:
         On a non-blocking socket a BlockingIOError (or, with a timeout, TimeoutError)
         may come after the software engine sealed ``data`` in part: as with ``ssl``,
         call again with the same data and the call returns what had been taken."""
-        with self._sending_data(data, flags) as (core, tx, view):
-            return self._send_some(core, tx, view, self._deadline())
+        core, view = self._data_to_send(data, flags)
+        with self._tx_lock:
+            return self._send_some(core, self._sending(core), view, self._deadline())
 
     def sendall(self, data: Buffer, flags: int = 0) -> None:
         """Send all of ``data``; a timeout bounds the whole call."""
-        with self._sending_data(data, flags) as (core, tx, view):
+        core, rest = self._data_to_send(data, flags)
+        with self._tx_lock:
+            tx = self._sending(core)
             deadline = self._deadline()
-            rest = view
             while rest:
                 rest = rest[self._send_some(core, tx, rest, deadline) :]
 
-    @contextlib.contextmanager
-    def _sending_data(
-        self, data: Buffer, flags: int
-    ) -> Iterator[tuple[Connection, TxEngine, memoryview]]:
-        """What send() and sendall() share: checks, then the sending side held."""
+    def _data_to_send(self, data: Buffer, flags: int) -> tuple[Connection, memoryview]:
+        """What send() and sendall() check first."""
         if flags:
             raise ValueError("flags are not supported on a TLS socket")
-        core = self._established()
-        view = memoryview(data).cast("B")
-        with self._tx_lock:
-            yield core, self._sending(core), view
+        return self._established(), memoryview(data).cast("B")
 
     def _send_some(
         self, core: Connection, tx: TxEngine, view: memoryview, deadline: float | None
@@ -538,6 +541,8 @@ class TLSSocket:
         if core.has_output:  # the reader owes the peer something: it goes first
             self._move_output(core)
         try:
+            if deadline is None:  # blocking: the engine waits in the kernel
+                return tx.send_data(view)
             return self._wait_for(lambda: tx.send_data(view), True, deadline)
         except (TimeoutError, BlockingIOError):
             raise
@@ -569,6 +574,8 @@ class TLSSocket:
             tx = self._sending(core)
             while sent < count:
                 position = offset + sent
+                if core.has_output:  # the reader owes the peer something: it goes first
+                    self._move_output(core)
                 try:
                     chunk = self._wait_for(
                         functools.partial(tx.sendfile, file_fd, position, count - sent),
