@@ -27,8 +27,8 @@ system:
 	$(KERNEL) provision --kernel all
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests tools
-	$(VENV)/bin/ruff format --check src tests tools
+	$(VENV)/bin/ruff check src tests tools bench
+	$(VENV)/bin/ruff format --check src tests tools bench
 
 types: $(STAMP)
 	$(VENV)/bin/mypy
