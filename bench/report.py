@@ -15,17 +15,24 @@ Env = dict[str, Any]
 NOTES = (
     "Ratio = candidate ÷ baseline, both measured in the same run; shown as the median over "
     "runs [min-max of the per-run ratios]. Higher is better for ktls everywhere.",
-    "CPU s/GiB = CPU time (user+sys) of both ends during the transfer, each end's own "
-    "thread (CLOCK_THREAD_CPUTIME_ID; in 'processes' the child has one thread), summed.",
+    "CPU s/GiB = CPU time (user+sys) of both ends during the transfer, each end measuring "
+    "its own thread (getrusage RUSAGE_THREAD; in 'processes' the child has one thread), "
+    "summed, per GiB moved.",
 )
 UML_NOTE = (
     "UML: the guest kernel's own work (TCP, and kTLS crypto in generic C without AES-NI) "
-    "runs inside the host's UML process as user-space code, and the guest books it to the "
-    "calling thread as user time (its sys time stays ~0): compare CPU figures only between "
-    "paths in the same UML column. The guest has {cpus} CPU, so the two ends take turns. "
-    "User-space crypto (ssl, ktls software) still uses AES-NI there, so kernel-vs-ssl "
-    "ratios inside UML say nothing about a real kernel's speed."
+    "runs inside the host's UML process as user-space code; inside the guest, getrusage "
+    "books it to the calling thread as user time (sys stays 0) in 10 ms ticks. Compare "
+    "CPU figures only between paths in the same UML column. The guest has {cpus} CPU, so "
+    "the two ends take turns. User-space crypto (ssl, ktls software) still uses AES-NI "
+    "there, so kernel-vs-ssl ratios inside UML say nothing about a real kernel's speed."
 )
+
+
+def notes(envs: Sequence[Env]) -> list[str]:
+    """The notes that go under the table (and into the JSON)."""
+    uml = [env["environment"] for env in envs if env["environment"]["inside_uml"]]
+    return [*NOTES, *(UML_NOTE.format(cpus=e["cpu_count"]) for e in uml[:1])]
 
 
 def _group(name: str) -> str:
@@ -131,9 +138,5 @@ def render(envs: Sequence[Env], console: Console) -> None:
     for suite in _suite_names(envs):
         console.print(ratio_table(envs, suite))
         console.print(absolute_table(envs, suite))
-    for note in NOTES:
+    for note in notes(envs):
         console.print(f"• {escape(note)}")
-    for env in envs:
-        if env["environment"]["inside_uml"]:
-            console.print("• " + escape(UML_NOTE.format(cpus=env["environment"]["cpu_count"])))
-            break

@@ -41,7 +41,8 @@ def path_summary(result: PathResult) -> dict[str, Any]:
 
 def row_ratios(row: Row, results: dict[str, PathResult]) -> list[float | None]:
     cand, base = results[row.candidate].samples, results[row.baseline].samples
-    return [c.value / b.value if c and b else None for c, b in zip(cand, base, strict=True)]
+    # A skipped path has no samples at all: then there is no ratio either.
+    return [c.value / b.value if c and b else None for c, b in zip(cand, base, strict=False)]
 
 
 def why_not(row: Row, results: dict[str, PathResult]) -> str | None:
