@@ -74,7 +74,10 @@ def parser() -> argparse.ArgumentParser:
         "(e.g. core, core/bulk, 'core/*/threads', core/handshakes/server); see --list",
     )
     p.add_argument(
-        "--json", type=Path, default=DEFAULT_JSON, help=f"output file (default {DEFAULT_JSON})"
+        "--json",
+        type=Path,
+        default=DEFAULT_JSON,
+        help="output file (default bench/results/latest.json)",
     )
     where = p.add_mutually_exclusive_group()
     where.add_argument(
