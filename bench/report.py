@@ -22,7 +22,7 @@ NOTES = (
 UML_NOTE = (
     "UML: the guest kernel's own work (TCP, and kTLS crypto in generic C without AES-NI) "
     "runs inside the host's UML process as user-space code; inside the guest, getrusage "
-    "books it to the calling thread as user time (sys stays 0) in 10 ms ticks. Compare "
+    "books it to the calling thread as user time (sys stays ~0) in 10 ms ticks. Compare "
     "CPU figures only between paths in the same UML column. The guest has {cpus} CPU, so "
     "the two ends take turns. User-space crypto (ssl, ktls software) still uses AES-NI "
     "there, so kernel-vs-ssl ratios inside UML say nothing about a real kernel's speed."
