@@ -8,7 +8,7 @@ KERNEL := $(PYTHON) tools/testkernel.py
 # UML test kernels (tools/testkernel.py provision installs those itself too).
 DEBS   := openssl gnutls-bin curl user-mode-linux kmod iproute2 patchelf
 
-.PHONY: test serve probe lint types host-tests kernel-tests setup system clean
+.PHONY: test serve probe lint types host-tests kernel-tests bench bench-check setup system clean
 
 setup: $(STAMP) system
 
@@ -27,8 +27,8 @@ system:
 	$(KERNEL) provision --kernel all
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests tools
-	$(VENV)/bin/ruff format --check src tests tools
+	$(VENV)/bin/ruff check src tests tools bench
+	$(VENV)/bin/ruff format --check src tests tools bench
 
 types: $(STAMP)
 	$(VENV)/bin/mypy
@@ -53,7 +53,16 @@ kernel-tests: $(STAMP) system
 	  $(PY) -m pytest -m kernel; \
 	fi
 
-test: setup lint types host-tests kernel-tests
+test: setup lint types host-tests kernel-tests bench-check
+
+# Benchmarks (bench/, see README "Benchmarks"): on the host and inside UML 7.x, one table,
+# one JSON (bench/results/latest.json).  BENCH_ARGS passes options, e.g. BENCH_ARGS="--runs 3".
+bench: setup
+	$(PY) -m bench $(BENCH_ARGS)
+
+# The bench once on tiny sizes, host and UML 7.x: proves the tool works (no timing asserts).
+bench-check: setup
+	$(PY) -m bench --quick --json bench/results/quick.json
 
 # What this kernel's TLS layer can do, on the host and in each test kernel.
 probe: setup
