@@ -247,6 +247,16 @@ class KernelTx(_KernelDirection, TxEngine):
 
     def send_data(self, data: memoryview, flags: int = 0) -> int:
         self.flush(flags)
+        if flags & socket.MSG_DONTWAIT or self._sock.gettimeout() is not None:
+            return self._sock.send(data, flags)  # never waits: nothing to swallow
+        # Blocking: first try without waiting, which needs no reset check (see
+        # _check_reset); wait, and check, only when the socket is full.
+        try:
+            sent = self._sock.send(data, flags | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            sent = 0
+        if sent:
+            return sent
         sent = self._sock.send(data, flags)
         self._check_reset()
         return sent
@@ -264,7 +274,9 @@ class KernelTx(_KernelDirection, TxEngine):
         # A trap: when the peer's reset arrives while a send waits for buffer space, the
         # kernel's TLS send path swallows the error (it returns the bytes it took), and
         # from then on every send "succeeds" on a socket in state CLOSE with SO_ERROR 0,
-        # where plain TCP raises EPIPE.  The TCP state after each call tells the truth.
+        # where plain TCP raises EPIPE.  The TCP state after such a call tells the truth.
+        # A send that did not wait (non-blocking, or it found room) cannot have swallowed
+        # anything: an error it meets stays in sk_err for the next call.
         if sockio.tcp_state(self._sock) == sockio.TCP_CLOSE:
             code = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or errno.ECONNRESET
             raise ConnectionResetError(code, "the peer reset the connection")
