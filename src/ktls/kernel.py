@@ -249,15 +249,15 @@ class KernelTx(_KernelDirection, TxEngine):
         self.flush(flags)
         if flags & socket.MSG_DONTWAIT or self._sock.gettimeout() is not None:
             return self._sock.send(data, flags)  # never waits: nothing to swallow
-        # Blocking: first try without waiting, which needs no reset check (see
-        # _check_reset); wait, and check, only when the socket is full.
+        # Blocking: first what fits without waiting, which needs no reset check (see
+        # _check_reset); then the rest with waiting, and the check.
         try:
             sent = self._sock.send(data, flags | socket.MSG_DONTWAIT)
         except BlockingIOError:
             sent = 0
-        if sent:
+        if sent == len(data):
             return sent
-        sent = self._sock.send(data, flags)
+        sent += self._sock.send(data[sent:], flags)
         self._check_reset()
         return sent
 
