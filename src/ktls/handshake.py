@@ -1,10 +1,13 @@
 """The handshake driver: OpenSSL on memory BIOs, one record at a time.
 
-Sans-IO in the h11 sense: the caller reads exactly :meth:`HandshakeDriver.bytes_wanted`
-bytes from its transport, passes them to :meth:`~HandshakeDriver.receive`, and sends
-whatever :meth:`~HandshakeDriver.data_to_send` returns, until ``done``.  Reading no more
-than the current record matters: whatever the peer sends after its last handshake
-record must stay in the socket for the kernel to decrypt.
+Sans-IO in the h11 sense: the caller passes what the peer sent to
+:meth:`HandshakeDriver.receive`, and sends whatever :meth:`~HandshakeDriver.data_to_send`
+returns, until ``done``.  Taking no more than the last handshake record out of the
+transport matters: whatever the peer sends after it must stay in the socket for the
+kernel to decrypt.  So ``receive`` says how many bytes it used (all of them, up to the
+end of the record that completes the handshake): a caller that can peek passes all it
+sees and then takes out only those; one that can't reads exactly
+:meth:`~HandshakeDriver.bytes_wanted` bytes at a time.
 
 While the records pass through, the driver keeps the books the kernel needs and
 OpenSSL does not tell: how many records each side protected under the final keys
@@ -31,16 +34,18 @@ from .keyschedule import (
 from .protection import Sealer
 from .records import (
     ANY_RECORD_VERSION,
+    HEADER_LEN,
     RecordBuffer,
     RecordHeader,
     encode_header,
     parse_alert,
+    parse_header,
 )
 from .session import Role, Session, TrafficKeys
 from .suites import Suite, suite_by_name
 from .wire import AlertDescription, ContentType, ProtocolVersion
 
-__all__ = ["HandshakeDriver", "TicketSink", "keylog_callback"]
+__all__ = ["HandshakeDriver", "TicketSink", "keylog_callback", "verify_callback"]
 
 _VERSIONS = {"TLSv1.2": ProtocolVersion.TLS1_2, "TLSv1.3": ProtocolVersion.TLS1_3}
 _ALERT_PREFIXES = ("sslv3 alert ", "tlsv1 alert ", "tlsv13 alert ")
@@ -64,6 +69,16 @@ def keylog_callback(conn: SSL.Connection, line: bytes) -> None:
     driver = conn.get_app_data()
     if isinstance(driver, HandshakeDriver):
         driver.on_keylog(line)
+
+
+def verify_callback(conn: SSL.Connection, cert: Any, errnum: int, depth: int, ok: int) -> bool:
+    """Context verify callback: OpenSSL's verdict stands; the connection's driver notes
+    why it refused a certificate.  Set once on the context, not per connection: each
+    per-connection callback costs pyOpenSSL a helper object and a cffi trampoline."""
+    driver = conn.get_app_data()
+    if isinstance(driver, HandshakeDriver):
+        driver.on_verify(cert, errnum, depth, ok)
+    return bool(ok)
 
 
 def _alert_in_openssl_error(reasons: list[str]) -> AlertDescription | None:
@@ -136,22 +151,43 @@ class HandshakeDriver:
         except ProtocolViolation as exc:
             raise HandshakeError(f"peer sent garbage during the handshake: {exc}") from exc
 
-    def receive(self, data: bytes) -> None:
-        """Take bytes from the peer; step OpenSSL once a record is whole.
+    def receive(self, data: bytes) -> int:
+        """Take bytes from the peer, stepping OpenSSL at each whole record; return how
+        many were used: all, except what follows the record that completes the
+        handshake (the record engine's, see the module docstring).
 
         Raises HandshakeError (after queueing any alert to send) when the handshake
         fails.
         """
         if self.done:
             raise RuntimeError("handshake already complete")
+        used = 0
         try:
-            self._incoming.feed(data)
-            record = self._incoming.next_record()
+            while used < len(data) and not self.done:
+                record, used = self._next_record(data, used)
+                if record is not None:
+                    self._take_record(*record)
         except ProtocolViolation as exc:
             raise HandshakeError(f"peer sent garbage during the handshake: {exc}") from exc
-        if record is None:
-            return
-        header, body = record
+        return used
+
+    def _next_record(
+        self, data: bytes, start: int
+    ) -> tuple[tuple[RecordHeader, bytes] | None, int]:
+        """The next whole record from ``data[start:]`` (None: not whole yet, its bytes
+        are kept), and where in ``data`` what it used ends."""
+        buffer = self._incoming
+        if not buffer.pending() and len(data) - start >= HEADER_LEN:
+            # The common case, a whole record in hand: no copy through the buffer.
+            header = parse_header(data[start : start + HEADER_LEN], versions=ANY_RECORD_VERSION)
+            end = start + HEADER_LEN + header.length
+            if end <= len(data):
+                return (header, data[start + HEADER_LEN : end]), end
+        end = start + min(buffer.needed(), len(data) - start)
+        buffer.feed(data[start:end])
+        return buffer.next_record(), end
+
+    def _take_record(self, header: RecordHeader, body: bytes) -> None:
         if header.content_type == ContentType.CHANGE_CIPHER_SPEC:
             self._peer_ccs = True
         elif self._peer_ccs:
@@ -240,9 +276,7 @@ class HandshakeDriver:
             )
         return HandshakeError(f"handshake failed: {'; '.join(reasons)}")
 
-    def verify_callback(
-        self, conn: SSL.Connection, cert: Any, errnum: int, depth: int, ok: int
-    ) -> bool:
+    def on_verify(self, cert: Any, errnum: int, depth: int, ok: int) -> None:
         """Record why OpenSSL rejected a certificate so the error can say it plainly."""
         if not ok and self._verify_error is None:
             # Never raise here: OpenSSL would only see a failed callback.
@@ -258,7 +292,6 @@ class HandshakeDriver:
                     what += " (unknown CA)"
             self._verify_error = f"{what} (depth {depth}, subject {subject})"
             self._verify_alert = _VERIFY_ALERTS.get(errnum, AlertDescription.CERTIFICATE_UNKNOWN)
-        return bool(ok)
 
     def _build_session(self) -> Session:
         conn = self._conn
