@@ -687,7 +687,9 @@ class TLSSocket:
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_WR)
         pause = 0.001
+        woken = False  # the last wait ended because the socket became readable
         while True:
+            taken = self._taken_in
             self._take_in_quietly(core)
             try:
                 in_flight = sockio.unacknowledged(self._sock)
@@ -698,7 +700,14 @@ class TLSSocket:
             remaining = deadline - time.monotonic()
             if not in_flight or remaining <= 0:
                 return
-            time.sleep(min(pause, remaining))
+            # The acknowledgement mostly rides on what the peer sends next (its tickets,
+            # close_notify, FIN, or a reset), so wake when that arrives, not a pause
+            # later.  Readable with nothing to take in (the peer's FIN, data beyond
+            # _DRAIN_LIMIT) would wake at once forever: then just pause.
+            if woken and self._taken_in == taken:
+                time.sleep(min(pause, remaining))
+            else:
+                woken = sockio.wait_fd(self._sock.fileno(), False, min(pause, remaining))
             pause = min(pause * 2, 0.05)
 
     def _take_in_quietly(self, core: Connection) -> None:
