@@ -19,7 +19,7 @@ from OpenSSL import SSL
 from . import handoff
 from .errors import ConfigError, ULPUnavailable
 from .handoff import Offload
-from .handshake import keylog_callback
+from .handshake import keylog_callback, verify_callback
 from .kernel import kernel_accepts, ulp_error
 from .protection import software_supports
 from .session import Role
@@ -243,7 +243,7 @@ class ClientContext(_Context):
         self.check_hostname = check_hostname and verify
         ctx = self._ssl
         if verify:
-            ctx.set_verify(SSL.VERIFY_PEER)
+            ctx.set_verify(SSL.VERIFY_PEER, verify_callback)
             cafile_ok = _check_file(cafile, "CA file")
             if cafile_ok is not None or capath is not None:
                 ctx.load_verify_locations(cafile_ok, os.fspath(capath) if capath else None)
@@ -374,7 +374,7 @@ class ServerContext(_Context):
             mode = SSL.VERIFY_PEER
             if verify_client == "required":
                 mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
-            ctx.set_verify(mode)
+            ctx.set_verify(mode, verify_callback)
         elif client_cafile is not None:
             raise ConfigError("client_cafile given but verify_client is 'none'")
         if self.alpn_protocols:

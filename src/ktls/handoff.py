@@ -6,7 +6,7 @@ Every I/O style goes the same three steps, and only the middle one is its own:
    can't is found out early; with no keys set the socket still behaves like plain
    TCP) and sets up OpenSSL and the sans-IO :class:`~ktls.handshake.HandshakeDriver`;
 2. the caller pumps the driver: blocking (:class:`~ktls.tlssocket.TLSSocket`) or from
-   an event loop, reading no more than ``driver.bytes_wanted()`` at a time;
+   an event loop, taking out of the socket no more than ``driver.receive()`` used;
 3. :func:`install` turns the hand-off value into a sending and a receiving engine, per
    direction the kernel if it takes the keys, else (unless ``offload="kernel"``) the
    software engine.  If it fails, the internal_error alert for the peer is queued in
@@ -93,10 +93,10 @@ def prepare(
         conn.set_tlsext_host_name(server_hostname.encode("idna"))  # RFC 6066: no IPs
     if session is not None:
         conn.set_session(session)
+    # The context's verify callback reaches the driver through the connection's app data.
     driver = HandshakeDriver(
         conn, role, server_hostname=server_hostname, check_hostname=check_hostname
     )
-    conn.set_verify(ssl_context.get_verify_mode(), driver.verify_callback)
     return Handshake(sock, conn, driver, offload, ulp)
 
 

@@ -1,10 +1,13 @@
 """The handshake driver: OpenSSL on memory BIOs, one record at a time.
 
-Sans-IO in the h11 sense: the caller reads exactly :meth:`HandshakeDriver.bytes_wanted`
-bytes from its transport, passes them to :meth:`~HandshakeDriver.receive`, and sends
-whatever :meth:`~HandshakeDriver.data_to_send` returns, until ``done``.  Reading no more
-than the current record matters: whatever the peer sends after its last handshake
-record must stay in the socket for the kernel to decrypt.
+Sans-IO in the h11 sense: the caller passes what the peer sent to
+:meth:`HandshakeDriver.receive`, and sends whatever :meth:`~HandshakeDriver.data_to_send`
+returns, until ``done``.  Taking no more than the last handshake record out of the
+transport matters: whatever the peer sends after it must stay in the socket for the
+kernel to decrypt.  So ``receive`` says how many bytes it used (all of them, up to the
+end of the record that completes the handshake): a caller that can peek passes all it
+sees and then takes out only those; one that can't reads exactly
+:meth:`~HandshakeDriver.bytes_wanted` bytes at a time.
 
 While the records pass through, the driver keeps the books the kernel needs and
 OpenSSL does not tell: how many records each side protected under the final keys
@@ -31,16 +34,17 @@ from .keyschedule import (
 from .protection import Sealer
 from .records import (
     ANY_RECORD_VERSION,
+    HEADER_LEN,
     RecordBuffer,
     RecordHeader,
-    encode_header,
     parse_alert,
+    parse_header,
 )
 from .session import Role, Session, TrafficKeys
 from .suites import Suite, suite_by_name
 from .wire import AlertDescription, ContentType, ProtocolVersion
 
-__all__ = ["HandshakeDriver", "TicketSink", "keylog_callback"]
+__all__ = ["HandshakeDriver", "TicketSink", "keylog_callback", "verify_callback"]
 
 _VERSIONS = {"TLSv1.2": ProtocolVersion.TLS1_2, "TLSv1.3": ProtocolVersion.TLS1_3}
 _ALERT_PREFIXES = ("sslv3 alert ", "tlsv1 alert ", "tlsv13 alert ")
@@ -66,6 +70,16 @@ def keylog_callback(conn: SSL.Connection, line: bytes) -> None:
         driver.on_keylog(line)
 
 
+def verify_callback(conn: SSL.Connection, cert: Any, errnum: int, depth: int, ok: int) -> bool:
+    """Context verify callback: OpenSSL's verdict stands; the connection's driver notes
+    why it refused a certificate.  Set once on the context, not per connection: each
+    per-connection callback costs pyOpenSSL a helper object and a cffi trampoline."""
+    driver = conn.get_app_data()
+    if isinstance(driver, HandshakeDriver):
+        driver.on_verify(cert, errnum, depth, ok)
+    return bool(ok)
+
+
 def _alert_in_openssl_error(reasons: list[str]) -> AlertDescription | None:
     for reason in reasons:
         for prefix in _ALERT_PREFIXES:
@@ -85,6 +99,78 @@ def _openssl_reasons(exc: SSL.Error) -> list[str]:
     return [r for r in reasons if r] or [repr(exc)]
 
 
+class _Boundaries:
+    """Where the peer's records end in its byte stream, headers checked on the way, so
+    that OpenSSL can be given any amount and the driver still knows which records
+    it took.
+
+    During the handshake the record version is anything 3.x: RFC 8446 5.1 and RFC 5246
+    E.1 say to ignore it (a first ClientHello may say 0x0300), and OpenSSL judges what
+    it must.
+    """
+
+    def __init__(self) -> None:
+        self._header = b""  # the start of a header not yet whole
+        self._record: RecordHeader | None = None  # whose body is still coming
+        self._left = 0  # bytes of that body still to come
+
+    def at_boundary(self) -> bool:
+        return not self._header and not self._left
+
+    def wanted(self) -> int:
+        return self._left or HEADER_LEN - len(self._header)
+
+    def scan(
+        self, data: bytes
+    ) -> tuple[list[tuple[int, RecordHeader, bytes]], int, ProtocolViolation | None]:
+        """Walk ``data``: (end offset, header, body) of each record that ends in it (the
+        body cut short if it began earlier), how far the data is good, and why not
+        further."""
+        records: list[tuple[int, RecordHeader, bytes]] = []
+        pos, size = 0, len(data)
+        while pos < size:
+            if self._left:
+                record = self._record
+                assert record is not None
+                body_start = pos - (record.length - self._left)  # < 0: in earlier data
+                taken = min(self._left, size - pos)
+                pos += taken
+                self._left -= taken
+                if not self._left:
+                    records.append((pos, record, data[max(body_start, 0) : pos]))
+                continue
+            header_start = pos - len(self._header)
+            taken = min(HEADER_LEN - len(self._header), size - pos)
+            self._header += data[pos : pos + taken]
+            pos += taken
+            if len(self._header) < HEADER_LEN:
+                break
+            try:
+                header = parse_header(self._header, versions=ANY_RECORD_VERSION)
+            except ProtocolViolation as exc:
+                return records, max(header_start, 0), exc
+            self._header = b""
+            self._record, self._left = header, header.length
+            if not header.length:
+                records.append((pos, header, b""))
+        return records, size, None
+
+
+def _take_back_input(conn: SSL.Connection) -> int:
+    """Empty the connection's input BIO of what OpenSSL did not read; return how much.
+
+    pyOpenSSL has no call for this; its cffi binding has BIO_get_mem_data (which
+    returns the count) and BIO_read, on the memory BIO it feeds (``_into_ssl``).
+    """
+    from OpenSSL._util import ffi, lib  # noqa: PLC0415 -- private, so kept to these places
+
+    bio = conn._into_ssl
+    left = int(lib.BIO_get_mem_data(bio, ffi.NULL))
+    if left:
+        lib.BIO_read(bio, ffi.new("char[]", left), left)
+    return left
+
+
 class HandshakeDriver:
     """Drives one OpenSSL connection through its handshake.  See the module docstring."""
 
@@ -102,10 +188,7 @@ class HandshakeDriver:
         if check_hostname and server_hostname is not None:
             _verify_name_in_handshake(conn, server_hostname)
         conn.set_app_data(self)
-        # During the handshake the record version is anything 3.x: RFC 8446 5.1 and
-        # RFC 5246 E.1 say to ignore it (a first ClientHello may say 0x0300), and
-        # OpenSSL judges what it must.
-        self._incoming = RecordBuffer(versions=ANY_RECORD_VERSION)
+        self._boundaries = _Boundaries()
         self._out = bytearray()
         self._out_records = RecordBuffer(versions=ANY_RECORD_VERSION)
         self._secrets: dict[str, bytes] = {}
@@ -123,7 +206,10 @@ class HandshakeDriver:
         self._session: Session | None = None
         if role is Role.CLIENT:
             conn.set_connect_state()
-            self._step()
+            try:
+                self._step()  # the ClientHello
+            except SSL.Error as exc:
+                raise self._failure(exc) from exc
         else:
             conn.set_accept_state()
 
@@ -131,27 +217,52 @@ class HandshakeDriver:
 
     def bytes_wanted(self) -> int:
         """How many bytes to read next: never past the end of the current record."""
-        try:
-            return self._incoming.needed()
-        except ProtocolViolation as exc:
-            raise HandshakeError(f"peer sent garbage during the handshake: {exc}") from exc
+        return self._boundaries.wanted()
 
-    def receive(self, data: bytes) -> None:
-        """Take bytes from the peer; step OpenSSL once a record is whole.
+    def receive(self, data: bytes) -> int:
+        """Take bytes from the peer; return how many were used: all, except what
+        follows the record that completes the handshake (the record engine's, see the
+        module docstring).
 
         Raises HandshakeError (after queueing any alert to send) when the handshake
         fails.
         """
         if self.done:
             raise RuntimeError("handshake already complete")
+        at_boundary = self._boundaries.at_boundary()
+        records, limit, garbage = self._boundaries.scan(data)
+        # One do_handshake() for all of it: OpenSSL reads record by record (no read
+        # ahead) and stops at the end of the handshake; what it left in its input BIO
+        # is taken back, and stays with the caller.
+        if limit:
+            self._conn.bio_write(data[:limit])
+        failure: SSL.Error | None = None
         try:
-            self._incoming.feed(data)
-            record = self._incoming.next_record()
-        except ProtocolViolation as exc:
-            raise HandshakeError(f"peer sent garbage during the handshake: {exc}") from exc
-        if record is None:
-            return
-        header, body = record
+            complete = self._step()
+        except SSL.Error as exc:
+            failure, complete = exc, False
+        used = limit - _take_back_input(self._conn)
+        for end, header, body in records:
+            if end > used:
+                break
+            self._account_incoming(header, body)
+        if failure is not None:
+            raise self._failure(failure) from failure
+        if complete:
+            if not (used == 0 and at_boundary) and used not in {r[0] for r in records}:
+                # Never seen; were it to happen, the kernel would miss those bytes.
+                raise HandshakeError("OpenSSL read past the end of the handshake")
+            self._session = self._build_session()
+            self.done = True
+        elif used != limit:
+            raise HandshakeError("OpenSSL stopped reading in the middle of the handshake")
+        elif garbage is not None:
+            raise HandshakeError(f"peer sent garbage during the handshake: {garbage}") from (
+                garbage
+            )
+        return used
+
+    def _account_incoming(self, header: RecordHeader, body: bytes) -> None:
         if header.content_type == ContentType.CHANGE_CIPHER_SPEC:
             self._peer_ccs = True
         elif self._peer_ccs:
@@ -159,10 +270,6 @@ class HandshakeDriver:
         if header.content_type == ContentType.ALERT and len(body) == 2 and not self._peer_ccs:
             with contextlib.suppress(ProtocolViolation):  # OpenSSL will judge it too
                 self._peer_alert = parse_alert(body).known  # a plaintext alert we can read
-        self._conn.bio_write(
-            encode_header(header.content_type, header.length, header.legacy_version) + body
-        )
-        self._step()
 
     def data_to_send(self) -> bytes:
         out = bytes(self._out)
@@ -186,19 +293,17 @@ class HandshakeDriver:
 
     # -- internals --------------------------------------------------------------------------
 
-    def _step(self) -> None:
+    def _step(self) -> bool:
+        """One do_handshake(): True when the handshake is complete, False when OpenSSL
+        wants more; SSL.Error when it failed (what it wrote, an alert, is taken)."""
         self._step_protected_records = 0
         try:
             self._conn.do_handshake()
         except SSL.WantReadError:
+            return False
+        finally:
             self._drain()
-            return
-        except SSL.Error as exc:
-            self._drain()
-            raise self._failure(exc) from exc
-        self._drain()
-        self._session = self._build_session()
-        self.done = True
+        return True
 
     def _drain(self) -> None:
         """Take what OpenSSL wrote, and keep the books on each whole record in it."""
@@ -240,9 +345,7 @@ class HandshakeDriver:
             )
         return HandshakeError(f"handshake failed: {'; '.join(reasons)}")
 
-    def verify_callback(
-        self, conn: SSL.Connection, cert: Any, errnum: int, depth: int, ok: int
-    ) -> bool:
+    def on_verify(self, cert: Any, errnum: int, depth: int, ok: int) -> None:
         """Record why OpenSSL rejected a certificate so the error can say it plainly."""
         if not ok and self._verify_error is None:
             # Never raise here: OpenSSL would only see a failed callback.
@@ -258,7 +361,6 @@ class HandshakeDriver:
                     what += " (unknown CA)"
             self._verify_error = f"{what} (depth {depth}, subject {subject})"
             self._verify_alert = _VERIFY_ALERTS.get(errnum, AlertDescription.CERTIFICATE_UNKNOWN)
-        return bool(ok)
 
     def _build_session(self) -> Session:
         conn = self._conn

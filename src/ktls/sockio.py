@@ -24,12 +24,12 @@ NO_WAIT = -1.0  # a deadline that says: non-blocking, let BlockingIOError throug
 TCP_CLOSE = 7  # tcpi_state once the connection is reset (include/net/tcp_states.h)
 
 
-def wait_fd(fd: int, writing: bool, timeout: float) -> None:
+def wait_fd(fd: int, writing: bool, timeout: float) -> bool:
     """Wait until ``fd`` is readable (or writable), at most ``timeout`` seconds (inf:
-    no limit)."""
+    no limit).  False when the time ran out."""
     poller = select.poll()
     poller.register(fd, select.POLLOUT if writing else select.POLLIN)
-    poller.poll(None if math.isinf(timeout) else max(1, int(timeout * 1000 + 0.999)))
+    return bool(poller.poll(None if math.isinf(timeout) else max(1, int(timeout * 1000 + 0.999))))
 
 
 def retry(attempt: Callable[[], _T], fd: int, writing: bool, deadline: float | None) -> _T:

@@ -70,6 +70,8 @@ _NO_ROOM = memoryview(bytearray())  # a read that only takes in (pending, close)
 # close_notify, data nobody will read): unread bytes would make the kernel reset the
 # connection, and the peer lose what it has not read yet.
 _DRAIN_LIMIT = 1 << 22
+# What one peek during the handshake may see: a whole flight, certificates and all.
+_HANDSHAKE_PEEK = 1 << 16
 
 
 class TLSSocket:
@@ -166,20 +168,29 @@ class TLSSocket:
         return Connection(session, tickets=tickets)
 
     def _pump(self, pending: handoff.Handshake, deadline: float | None) -> None:
-        """The blocking pump: read what the driver wants, send what it gives."""
+        """The blocking pump: peek at what the peer sent, take out of the socket what the
+        driver used (never past its last handshake record), send what it gives.  A
+        peek sees a whole flight at once: two calls where reading each record's header
+        and body took two per record."""
         driver = pending.driver
+        sock = self._sock
+        peek = functools.partial(sock.recv, _HANDSHAKE_PEEK, socket.MSG_PEEK)
         self._send_raw(driver.data_to_send(), deadline)
         while not driver.done:
-            wanted = driver.bytes_wanted()
-            data = self._wait_for(functools.partial(self._sock.recv, wanted), False, deadline)
+            data = self._wait_for(peek, False, deadline)
             if not data:
                 raise HandshakeError("the peer closed the connection during the handshake")
             try:
-                driver.receive(data)
+                used = driver.receive(data)
             except HandshakeError:
                 with contextlib.suppress(OSError):  # the alert OpenSSL owes the peer
                     self._send_raw(driver.data_to_send(), time.monotonic() + self.close_timeout)
                 raise
+            while used:  # already in the socket: no waiting
+                taken = len(sock.recv(used))
+                if not taken:
+                    raise HandshakeError("the peer closed the connection during the handshake")
+                used -= taken
             self._send_raw(driver.data_to_send(), deadline)
 
     def _send_raw(self, data: bytes, deadline: float | None) -> None:
@@ -711,7 +722,9 @@ class TLSSocket:
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_WR)
         pause = 0.001
+        woken = False  # the last wait ended because the socket became readable
         while True:
+            taken = self._taken_in
             self._take_in_quietly(core)
             try:
                 in_flight = sockio.unacknowledged(self._sock)
@@ -722,7 +735,14 @@ class TLSSocket:
             remaining = deadline - time.monotonic()
             if not in_flight or remaining <= 0:
                 return
-            time.sleep(min(pause, remaining))
+            # The acknowledgement mostly rides on what the peer sends next (its tickets,
+            # close_notify, FIN, or a reset), so wake when that arrives, not a pause
+            # later.  Readable with nothing to take in (the peer's FIN, data beyond
+            # _DRAIN_LIMIT) would wake at once forever: then just pause.
+            if woken and self._taken_in == taken:
+                time.sleep(min(pause, remaining))
+            else:
+                woken = sockio.wait_fd(self._sock.fileno(), False, min(pause, remaining))
             pause = min(pause * 2, 0.05)
 
     def _take_in_quietly(self, core: Connection) -> None:
