@@ -45,7 +45,10 @@ ALERT, HANDSHAKE, DATA = ContentType.ALERT, ContentType.HANDSHAKE, ContentType.A
 CLOSE_NOTIFY = encode_alert(A.CLOSE_NOTIFY)
 KU_REQUESTED = encode_key_update(KeyUpdateRequest.UPDATE_REQUESTED)
 KU_NOT_REQUESTED = encode_key_update(KeyUpdateRequest.UPDATE_NOT_REQUESTED)
-TICKET = encode_handshake(HandshakeType.NEW_SESSION_TICKET, bytes(20))
+# lifetime, age_add, an empty nonce, a 2-byte ticket, no extensions
+TICKET = encode_handshake(
+    HandshakeType.NEW_SESSION_TICKET, bytes(8) + b"\x00" + b"\x00\x02ab" + b"\x00\x00"
+)
 HELLO_REQUEST = encode_handshake(HandshakeType.HELLO_REQUEST, b"")
 NO_RENEGOTIATION = encode_alert(A.NO_RENEGOTIATION, AlertLevel.WARNING)
 

@@ -51,6 +51,8 @@ class Case:
     kernel: A  # where the kernel reports the violation differently, said below
 
 
+# lifetime, age_add, an empty nonce, a 16-byte ticket, no extensions
+_TICKET_BODY = (300).to_bytes(4, "big") + bytes(4) + b"\x00" + b"\x00\x10" + bytes(16) + b"\x00\x00"
 MAC, OVERFLOW, UNEXPECTED = A.BAD_RECORD_MAC, A.RECORD_OVERFLOW, A.UNEXPECTED_MESSAGE
 VERSION, DECODE, ILLEGAL = A.PROTOCOL_VERSION, A.DECODE_ERROR, A.ILLEGAL_PARAMETER
 
@@ -78,6 +80,16 @@ CASES = {
         lambda k: seal13(k, encode_handshake(24, b"\x05") + b"\x16"),
         ILLEGAL,
         ILLEGAL,
+    ),
+    # NewSessionTicket checks (RFC 8446 4.6.1) that must fail the connection on arrival,
+    # although OpenSSL is given tickets only when a session is asked for.
+    "new-session-ticket-cut-short": Case(
+        lambda k: seal13(k, encode_handshake(4, _TICKET_BODY[:-1]) + b"\x16"), DECODE, DECODE
+    ),
+    "new-session-ticket-with-bytes-after-it": Case(
+        lambda k: seal13(k, encode_handshake(4, _TICKET_BODY + b"\x00") + b"\x16"),
+        DECODE,
+        DECODE,
     ),
     "post-handshake-certificate-request": Case(
         lambda k: seal13(k, encode_handshake(13, bytes(8)) + b"\x16"),

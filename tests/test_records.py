@@ -26,6 +26,7 @@ from ktls.records import (
     HandshakeMessage,
     RecordBuffer,
     RecordHeader,
+    check_new_session_ticket,
     encode_alert,
     encode_handshake,
     encode_header,
@@ -517,3 +518,63 @@ def test_fuzz_handshake_buffer(chunks: list[bytes]) -> None:
             while (message := buf.next_message()) is not None:
                 with contextlib.suppress(ProtocolViolation):
                     parse_key_update(message.body)
+
+
+# --------------------------------------------------------------------------- NewSessionTicket
+
+# lifetime, age_add, nonce <1 byte>, ticket <32 bytes>, extensions <early_data(42), 4 bytes>
+GOOD_TICKET = (
+    (7200).to_bytes(4, "big") + b"\x01\x02\x03\x04" + b"\x01\x00" + b"\x00\x20" + bytes(32)
+    + b"\x00\x08" + b"\x00\x2a\x00\x04" + (16384).to_bytes(4, "big")
+)  # fmt: skip
+
+
+def test_new_session_ticket_accepted() -> None:
+    check_new_session_ticket(GOOD_TICKET)
+    check_new_session_ticket(GOOD_TICKET[:-10] + b"\x00\x00")  # no extensions
+
+
+def test_new_session_ticket_of_rfc8448() -> None:
+    from .test_protection import R8448_NST_MSG  # noqa: PLC0415 -- RFC 8448's bytes, once
+
+    assert R8448_NST_MSG[0] == HandshakeType.NEW_SESSION_TICKET
+    check_new_session_ticket(R8448_NST_MSG[4:])
+
+
+@pytest.mark.parametrize("cut", range(len(GOOD_TICKET)))
+def test_new_session_ticket_cut_anywhere_is_a_decode_error(cut: int) -> None:
+    with pytest.raises(ProtocolViolation) as info:
+        check_new_session_ticket(GOOD_TICKET[:cut])
+    assert info.value.alert is AlertDescription.DECODE_ERROR
+
+
+@pytest.mark.parametrize(
+    ("body", "alert"),
+    [
+        (GOOD_TICKET + b"\x00", AlertDescription.DECODE_ERROR),  # bytes after the extensions
+        # an empty ticket (RFC 8446 4.6.1: ticket<1..2^16-1>)
+        (bytes(8) + b"\x00" + b"\x00\x00" + b"\x00\x00", AlertDescription.DECODE_ERROR),
+        # early_data with 2 bytes instead of a uint32
+        (
+            bytes(8) + b"\x00" + b"\x00\x01x" + b"\x00\x06" + b"\x00\x2a\x00\x02\x00\x00",
+            AlertDescription.DECODE_ERROR,
+        ),
+        # the same extension twice
+        (
+            bytes(8) + b"\x00" + b"\x00\x01x" + b"\x00\x08" + b"\xfa\xfa\x00\x00" * 2,
+            AlertDescription.ILLEGAL_PARAMETER,
+        ),
+    ],
+    ids=["trailing-bytes", "empty-ticket", "short-early-data", "repeated-extension"],
+)
+def test_malformed_new_session_ticket(body: bytes, alert: AlertDescription) -> None:
+    with pytest.raises(ProtocolViolation) as info:
+        check_new_session_ticket(body)
+    assert info.value.alert is alert
+
+
+@FUZZ
+@given(st.binary(max_size=300))
+def test_new_session_ticket_check_only_raises_protocol_violation(data: bytes) -> None:
+    with contextlib.suppress(ProtocolViolation):
+        check_new_session_ticket(data)

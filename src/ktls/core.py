@@ -44,6 +44,7 @@ from .errors import (
 from .records import (
     HandshakeBuffer,
     HandshakeMessage,
+    check_new_session_ticket,
     encode_alert,
     encode_key_update,
     parse_alert,
@@ -302,6 +303,7 @@ class Connection:
     def _handshake_message(self, message: HandshakeMessage) -> list[Event]:
         kind, role = message.msg_type, self.session.role
         if self._tls13 and kind == HandshakeType.NEW_SESSION_TICKET and role is Role.CLIENT:
+            check_new_session_ticket(message.body)
             if self._tickets is not None:
                 self._tickets(message.encode())
             return []

@@ -458,29 +458,46 @@ class HandshakeDriver:
 
 
 class TicketSink:
-    """Feeds TLS 1.3 NewSessionTicket messages to OpenSSL after the hand-off, so that
+    """Keeps TLS 1.3 NewSessionTicket messages that arrive after the hand-off and gives
+    them to OpenSSL when a session is asked for, so that
     ``SSL.Connection.get_session()`` can resume.
 
-    OpenSSL never sees the records the engine reads, so each ticket is sealed again,
-    under the server's first application key at the sequence number OpenSSL itself
-    expects (it has read nothing under that key), and fed to its memory BIO.
+    Deferred because OpenSSL's processing of a ticket costs more than a whole short
+    connection's reads (most clients never resume); the core checks the structure on
+    arrival, so a malformed ticket still fails the connection at once.  OpenSSL never
+    sees the records the engine reads, so each ticket is sealed again, under the
+    server's first application key at the sequence number OpenSSL itself expects (it
+    has read nothing under that key), and fed to its memory BIO.
     """
 
     def __init__(self, conn: SSL.Connection, session: Session) -> None:
         self._conn = conn
-        keys = session.rx
-        self._sealer = Sealer(session.version, session.suite.cipher, keys.key, keys.iv, 0)
+        self._session = session
+        self._sealer: Sealer | None = None
+        self._waiting: list[bytes] = []
 
     def __call__(self, message: bytes) -> None:
-        self._conn.bio_write(self._sealer.seal(ContentType.HANDSHAKE, message))
-        try:
-            self._conn.recv(1)
-        except SSL.WantReadError:
-            return
-        except SSL.Error as exc:
-            raise ProtocolViolation(
-                f"OpenSSL rejected a NewSessionTicket: {exc}", AlertDescription.DECODE_ERROR
-            ) from exc
+        self._waiting.append(message)
+
+    def deliver(self) -> None:
+        """Give OpenSSL the tickets received so far."""
+        waiting, self._waiting = self._waiting, []
+        if waiting and self._sealer is None:
+            keys = self._session.rx
+            self._sealer = Sealer(
+                self._session.version, self._session.suite.cipher, keys.key, keys.iv, 0
+            )
+        for message in waiting:
+            assert self._sealer is not None
+            self._conn.bio_write(self._sealer.seal(ContentType.HANDSHAKE, message))
+            try:
+                self._conn.recv(1)
+            except SSL.WantReadError:
+                continue
+            except SSL.Error as exc:
+                raise ProtocolViolation(
+                    f"OpenSSL rejected a NewSessionTicket: {exc}", AlertDescription.DECODE_ERROR
+                ) from exc
 
 
 def is_ip_address(name: str) -> bool:

@@ -285,8 +285,11 @@ class RecordSender:
         self._sealer = Sealer.from_keys(self._version, self._cipher, keys)
 
 
-# Room a receiver keeps for bytes from the socket, beyond one partial record.
-_RECEIVE_ROOM = 1 << 17
+# Room a receiver offers for bytes from the socket (beyond a partial record it keeps):
+# small at first, so that a connection that carries little costs little memory, and
+# the size that makes bulk reads cheap once a read fills it (grown once, not per call).
+_FIRST_ROOM = 1 << 15
+_MAX_ROOM = 1 << 17
 
 
 class RecordReceiver:
@@ -304,23 +307,30 @@ class RecordReceiver:
         self._cipher = cipher
         self._opener = Opener.from_keys(version, cipher, keys)
         self._max_length = max_ciphertext(version)
-        self._buffer = bytearray(_RECEIVE_ROOM + HEADER_LEN + self._max_length)
+        self._buffer = bytearray()  # allocated when the first bytes come
         self._view = memoryview(self._buffer)
         self._start = 0  # first byte not yet taken by next_record
         self._end = 0  # end of the bytes received
+        self._room = _FIRST_ROOM
+        self._offered = 0
 
     def receive_buffer(self) -> memoryview:
-        """Room for incoming bytes (at least 128 KiB); call :meth:`received` after."""
+        """Room for incoming bytes; call :meth:`received` after."""
         if self._start:  # move the start of a partial record to the front
             kept = self._end - self._start
             self._view[:kept] = self._view[self._start : self._end]
             self._start, self._end = 0, kept
-        if len(self._buffer) - self._end < _RECEIVE_ROOM:  # only after feed() of a lot
-            self._buffer = self._buffer[: self._end] + bytearray(_RECEIVE_ROOM)
-            self._view = memoryview(self._buffer)
+        if len(self._buffer) - self._end < self._room:
+            # Room for a partial record as well, so a kept one never needs a new buffer.
+            grown = bytearray(self._room + HEADER_LEN + self._max_length)
+            grown[: self._end] = self._view[: self._end]
+            self._buffer, self._view = grown, memoryview(grown)
+        self._offered = len(self._buffer) - self._end
         return self._view[self._end :]
 
     def received(self, count: int) -> None:
+        if count >= self._offered:
+            self._room = _MAX_ROOM  # the socket had more: offer more next time
         self._end += count
 
     def feed(self, data: bytes) -> None:

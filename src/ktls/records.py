@@ -26,6 +26,7 @@ __all__ = [
     "HandshakeMessage",
     "RecordBuffer",
     "RecordHeader",
+    "check_new_session_ticket",
     "encode_alert",
     "encode_handshake",
     "encode_header",
@@ -256,6 +257,68 @@ def parse_key_update(body: bytes) -> KeyUpdateRequest:
         raise ProtocolViolation(
             f"KeyUpdate with bad request_update {body[0]}", AlertDescription.ILLEGAL_PARAMETER
         ) from None
+
+
+# RFC 8446 4.6.1 / 4.2.10: the one extension a NewSessionTicket may carry.
+_EARLY_DATA = 42
+
+
+class _Reader:
+    """Reads a message's fields in order; running short is a decode_error."""
+
+    def __init__(self, data: bytes, what: str) -> None:
+        self._data = data
+        self._offset = 0
+        self._what = what
+
+    def take(self, length: int) -> bytes:
+        end = self._offset + length
+        if end > len(self._data):
+            raise ProtocolViolation(f"{self._what} cut short", AlertDescription.DECODE_ERROR)
+        piece = self._data[self._offset : end]
+        self._offset = end
+        return piece
+
+    def vector(self, length_bytes: int) -> bytes:
+        return self.take(int.from_bytes(self.take(length_bytes), "big"))
+
+    @property
+    def done(self) -> bool:
+        return self._offset == len(self._data)
+
+
+def check_new_session_ticket(body: bytes) -> None:
+    """Check a TLS 1.3 NewSessionTicket's structure (RFC 8446 4.6.1); raise
+    ProtocolViolation (decode_error / illegal_parameter) for a malformed one.
+
+    Only the framing: OpenSSL interprets the ticket when a session is asked for.
+    """
+    ticket = _Reader(body, "NewSessionTicket")
+    ticket.take(8)  # ticket_lifetime, ticket_age_add
+    ticket.vector(1)  # ticket_nonce
+    if not ticket.vector(2):
+        raise ProtocolViolation(
+            "NewSessionTicket with an empty ticket", AlertDescription.DECODE_ERROR
+        )
+    extensions = _Reader(ticket.vector(2), "NewSessionTicket extension")
+    if not ticket.done:
+        raise ProtocolViolation(
+            "bytes after the NewSessionTicket's extensions", AlertDescription.DECODE_ERROR
+        )
+    seen = set()
+    while not extensions.done:
+        kind = int.from_bytes(extensions.take(2), "big")
+        data = extensions.vector(2)
+        if kind in seen:
+            raise ProtocolViolation(
+                f"NewSessionTicket repeats extension {kind}", AlertDescription.ILLEGAL_PARAMETER
+            )
+        seen.add(kind)
+        if kind == _EARLY_DATA and len(data) != 4:
+            raise ProtocolViolation(
+                "NewSessionTicket early_data extension is not 4 bytes",
+                AlertDescription.DECODE_ERROR,
+            )
 
 
 def encode_key_update(request: KeyUpdateRequest) -> bytes:

@@ -39,8 +39,9 @@ class SoftwareTx(TxEngine):
         self._sock = sock
         self._sender = RecordSender(version, cipher, keys)
         # Sealed bytes not yet taken by the socket are _out[_sent:_filled].  The buffer
-        # is reused from the start once all went out: no allocation per call.
-        self._out = bytearray(self._sender.sealed_size(_SEND_MAX))
+        # grows to what the largest call needed (at most about _SEND_MAX) and is reused
+        # from the start once all went out: no allocation per call.
+        self._out = bytearray()
         self._filled = 0
         self._sent = 0
         # Plaintext length of the data records in _out from a call that could not finish:
@@ -54,7 +55,7 @@ class SoftwareTx(TxEngine):
     def _room(self, size: int) -> memoryview:
         """Room for ``size`` more sealed bytes after what is queued."""
         missing = self._filled + size - len(self._out)
-        if missing > 0:  # control records piling up behind a blocked socket
+        if missing > 0:
             self._out += bytes(missing)
         return memoryview(self._out)[self._filled : self._filled + size]
 

@@ -90,6 +90,7 @@ class TLSSocket:
         self._pending: handoff.Handshake | None = handshake
         self._handshake_timeout = handshake_timeout
         self._handshake_failure: KTLSError | None = None
+        self._tickets: TicketSink | None = None  # TLS 1.3 client: for session
         self._conn = handshake.conn
         self._timeout = self._sock.gettimeout()
         self._core: Connection | None = None
@@ -162,10 +163,9 @@ class TLSSocket:
         finally:
             self.settimeout(self._timeout)
         session = pending.driver.session
-        tickets = None
         if session.version is ProtocolVersion.TLS1_3 and session.role is Role.CLIENT:
-            tickets = TicketSink(pending.conn, session)
-        return Connection(session, tickets=tickets)
+            self._tickets = TicketSink(pending.conn, session)
+        return Connection(session, tickets=self._tickets)
 
     def _pump(self, pending: handoff.Handshake, deadline: float | None) -> None:
         """The blocking pump: peek at what the peer sent, take out of the socket what the
@@ -281,6 +281,8 @@ class TLSSocket:
 
         For TLS 1.3 it holds a ticket once one has arrived, i.e. after some reading.
         """
+        if self._tickets is not None:
+            self._tickets.deliver()
         return self._conn.get_session()
 
     @property
