@@ -1,4 +1,4 @@
-"""The handshake driver: OpenSSL on memory BIOs, one record at a time.
+"""The handshake driver: OpenSSL on memory BIOs, fed whatever the peer sent.
 
 Sans-IO in the h11 sense: the caller passes what the peer sent to
 :meth:`HandshakeDriver.receive`, and sends whatever :meth:`~HandshakeDriver.data_to_send`
