@@ -86,7 +86,9 @@ class SoftwareTx(TxEngine):
 
     def _finish_interrupted(self, flags: int) -> int:
         """Push out what an interrupted call sealed; return that call's data length."""
-        self.flush(flags)
+        if self._sent < self._filled:
+            self.flush(flags)
+        self._filled = self._sent = 0
         taken, self._taken_pending = self._taken_pending, 0
         return taken
 
@@ -95,14 +97,18 @@ class SoftwareTx(TxEngine):
             if len(data) < self._taken_pending:
                 raise ValueError("send() retried with less data than the interrupted call")
             return self._finish_interrupted(flags)
-        self.flush(flags)  # queued control records go first
+        if self._filled:
+            self.flush(flags)  # queued control records go first
         chunk = data[:_SEND_MAX]
-        if not chunk:
+        size = len(chunk)
+        if not size:
             return 0
-        room = self._room(self._sender.sealed_size(len(chunk)))
-        self._filled += self._sender.seal_data_into(chunk, room)
-        room.release()  # the buffer may grow later
-        self._taken_pending = len(chunk)
+        with self._room(self._sender.sealed_size(size)) as room:  # at 0: nothing queued
+            self._filled = self._sender.seal_data_into(chunk, room)
+            # Recorded before sending: should the send fail with EAGAIN, the retry
+            # finishes this call's records instead of sealing the data again.
+            self._taken_pending = size
+            self._sent = self._sock.send(room[: self._filled], flags)
         return self._finish_interrupted(flags)
 
     def sendfile(self, file_fd: int, offset: int, count: int, flags: int = 0) -> int:
