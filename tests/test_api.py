@@ -19,7 +19,15 @@ import ktls.protection
 from ktls import AlertDescription
 
 from .conftest import assert_engine
-from .peers import Certs, echo_until_close, python_ssl_context, python_ssl_server, run_in_thread
+from .peers import (
+    Certs,
+    echo_until_close,
+    openssl_client,
+    openssl_server,
+    python_ssl_context,
+    python_ssl_server,
+    run_in_thread,
+)
 
 PUBLIC = {
     "AlertDescription", "AlertReceived", "BrokenError", "CIPHERS", "Cipher", "CipherUnsupported",
@@ -324,6 +332,52 @@ def test_alpn_both_roles(certs: Certs, engine: str) -> None:
         assert tls.server_hostname == "localhost"  # the SNI the client sent
         client_side.close()
         tls.close()
+
+
+@pytest.mark.parametrize("groups", [[], ["no-such-group"], ["X25519", "nonsense"]])
+def test_bad_groups(certs: Certs, groups: list[str]) -> None:
+    with pytest.raises(ktls.ConfigError, match="key exchange groups"):
+        ktls.ClientContext(cafile=certs.ca, groups=groups)
+    with pytest.raises(ktls.ConfigError, match="key exchange groups"):
+        ktls.ServerContext(certs.server_rsa, groups=groups)
+
+
+@pytest.mark.parametrize(("ours", "works"), [(["P-256"], False), (["P-256", "X25519"], True)])
+def test_client_groups_are_what_it_offers(
+    certs: Certs, engine: str, ours: list[str], works: bool
+) -> None:
+    """Against a server that only takes X25519: P-256 alone cannot agree."""
+    client = ktls.ClientContext(cafile=certs.ca, groups=ours, offload=engine)  # type: ignore[arg-type]
+    with openssl_server(certs, "TLSv1.3", None, "-groups", "X25519") as (address, _proc):
+        if works:
+            with client.connect(address, server_hostname="localhost") as tls:
+                assert_engine(tls, engine)
+        else:
+            with pytest.raises(ktls.HandshakeError):
+                client.connect(address, server_hostname="localhost")
+
+
+@pytest.mark.parametrize(("ours", "works"), [(["P-256"], False), (["X25519"], True)])
+def test_server_groups_are_what_it_accepts(
+    certs: Certs, engine: str, ours: list[str], works: bool
+) -> None:
+    """A client that only offers X25519 (openssl s_client -groups X25519)."""
+    server = ktls.ServerContext(certs.server_rsa, groups=ours, offload=engine)  # type: ignore[arg-type]
+    with server.listen(("127.0.0.1", 0), do_handshake_on_connect=False) as listener:
+        proc = openssl_client(
+            certs, listener.getsockname(), "TLSv1.3", None, "-groups", "X25519", "-quiet"
+        )
+        try:
+            tls, _ = listener.accept()
+            with tls:
+                if works:
+                    tls.do_handshake()
+                    assert_engine(tls, engine)
+                else:
+                    with pytest.raises(ktls.HandshakeError):
+                        tls.do_handshake()
+        finally:
+            proc.stop()
 
 
 # -- socket-like behaviour -----------------------------------------------------------------

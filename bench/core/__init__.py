@@ -62,11 +62,20 @@ HANDSHAKES = {
     "ktls-ssl": ("ktls client ↔ ssl server", "ktls-auto", "ssl"),
     "ssl-ktls": ("ssl client ↔ ktls server", "ssl", "ktls-auto"),
     "ktls-ktls": ("ktls client ↔ ktls server", "ktls-auto", "ktls-auto"),
+    # ktls's OpenSSL offers the post-quantum X25519MLKEM768 first; ssl's here has no ML-KEM
+    "ktls-x25519-ssl": ("ktls client, X25519 only ↔ ssl server", "ktls-x25519", "ssl"),
+    "ktls-x25519-ktls-x25519": (
+        "ktls client ↔ ktls server, X25519 only",
+        "ktls-x25519",
+        "ktls-x25519",
+    ),
 }
 HANDSHAKE_ROWS = (
     ("client", "ktls client / ssl (client side)", "ktls-ssl", "ssl-ssl"),
     ("server", "ktls server / ssl (server side)", "ssl-ktls", "ssl-ssl"),
     ("both", "ktls both ends / ssl both ends", "ktls-ktls", "ssl-ssl"),
+    ("client-x25519", "ktls client / ssl, both X25519", "ktls-x25519-ssl", "ssl-ssl"),
+    ("both-x25519", "ktls both ends / ssl, all X25519", "ktls-x25519-ktls-x25519", "ssl-ssl"),
 )
 
 _KERNEL_KINDS = ("raw", "ktls-kernel")

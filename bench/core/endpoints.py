@@ -2,6 +2,9 @@
 
 * ``raw``: no handshake; the TLS ULP is attached and the same random AES-128-GCM
   key/iv/seq is installed by hand, as TX on the sending end and RX on the receiving one.
+* ``ktls-x25519``: ``ktls-auto`` offering X25519 alone, the key exchange Python's
+  ``ssl`` does here (OpenSSL 3.0), where ktls's OpenSSL (4.0) leads with the
+  post-quantum hybrid X25519MLKEM768: the same handshake work on both sides.
 * ``ktls-kernel`` / ``ktls-software`` / ``ktls-auto``: a real handshake through ktls's
   contexts with ``offload`` set accordingly.
 * ``ssl``: Python's standard ``ssl`` module.
@@ -31,7 +34,7 @@ from ktls import kernel, linux
 from ktls.suites import CIPHERS
 from ktls.wire import ProtocolVersion
 
-Kind = Literal["raw", "ktls-kernel", "ktls-software", "ktls-auto", "ssl"]
+Kind = Literal["raw", "ktls-kernel", "ktls-software", "ktls-auto", "ktls-x25519", "ssl"]
 Role = Literal["client", "server"]
 
 SUITE = "TLS_AES_128_GCM_SHA256"
@@ -116,8 +119,12 @@ Offload = Literal["kernel", "software", "auto"]
 
 
 @functools.cache
-def ktls_context(role: Role, offload: Offload) -> ktls.ClientContext | ktls.ServerContext:
+def ktls_context(
+    role: Role, offload: Offload, groups: tuple[str, ...] | None = None
+) -> ktls.ClientContext | ktls.ServerContext:
     common = {"ciphers": [SUITE], "minimum_version": "TLSv1.3", "offload": offload}
+    if groups is not None:
+        common["groups"] = list(groups)
     if role == "server":
         return ktls.ServerContext(certs().server, **common)  # type: ignore[arg-type]
     return ktls.ClientContext(cafile=certs().ca, **common)  # type: ignore[arg-type]
@@ -153,8 +160,11 @@ def wrap(sock: socket.socket, kind: Kind, role: Role) -> ssl.SSLSocket | ktls.TL
     elif kind == "raw":
         raise ValueError("raw kTLS has no handshake: use raw_ktls()")
     else:
-        offload: Offload = kind.removeprefix("ktls-")  # type: ignore[assignment]
-        context = ktls_context(role, offload)
+        if kind == "ktls-x25519":
+            context = ktls_context(role, "auto", ("X25519",))
+        else:
+            offload: Offload = kind.removeprefix("ktls-")  # type: ignore[assignment]
+            context = ktls_context(role, offload)
         if isinstance(context, ktls.ServerContext):
             tls = context.wrap_socket(sock)
         else:

@@ -86,6 +86,20 @@ def _check_file(path: str | os.PathLike[str] | None, what: str) -> str | None:
     return path
 
 
+def _set_groups(ctx: SSL.Context, groups: Sequence[str]) -> None:
+    """The key exchange groups to offer or accept, in order of preference.
+
+    pyOpenSSL has no call for SSL_CTX_set1_groups_list; its cffi binding has the same
+    function under its older name.  OpenSSL's default (left alone when ``groups`` is
+    None) leads with the post-quantum hybrid X25519MLKEM768 from OpenSSL 3.5 on.
+    """
+    from OpenSSL._util import lib  # noqa: PLC0415 -- private, so kept to these places
+
+    if not groups or lib.SSL_CTX_set1_curves_list(ctx._context, ":".join(groups).encode()) != 1:
+        lib.ERR_clear_error()  # else pyOpenSSL reports it at its next call
+        raise ConfigError(f"OpenSSL refused the key exchange groups {list(groups)!r}")
+
+
 class _Context:
     """What client and server contexts share: versions, suites, ALPN, offload."""
 
@@ -100,6 +114,7 @@ class _Context:
         alpn_protocols: Sequence[str] | None,
         offload: Offload,
         handshake_timeout: float | None,
+        groups: Sequence[str] | None,
     ) -> None:
         if offload not in _OFFLOADS:
             raise ConfigError(f"offload must be one of {_OFFLOADS}, not {offload!r}")
@@ -116,6 +131,9 @@ class _Context:
         self._ssl = SSL.Context(SSL.TLS_METHOD)
         self._ssl.set_keylog_callback(keylog_callback)
         self._ssl.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
+        self.groups = list(groups) if groups is not None else None
+        if self.groups is not None:
+            _set_groups(self._ssl, self.groups)
         self._configure_lock = threading.Lock()
         self._configured = False
 
@@ -230,6 +248,7 @@ class ClientContext(_Context):
         alpn_protocols: Sequence[str] | None = None,
         offload: Offload = "auto",
         handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
+        groups: Sequence[str] | None = None,
     ) -> None:
         super().__init__(
             ciphers=ciphers,
@@ -238,6 +257,7 @@ class ClientContext(_Context):
             alpn_protocols=alpn_protocols,
             offload=offload,
             handshake_timeout=handshake_timeout,
+            groups=groups,
         )
         self.verify = verify
         self.check_hostname = check_hostname and verify
@@ -353,6 +373,7 @@ class ServerContext(_Context):
         alpn_protocols: Sequence[str] | None = None,
         offload: Offload = "auto",
         handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
+        groups: Sequence[str] | None = None,
     ) -> None:
         super().__init__(
             ciphers=ciphers,
@@ -361,6 +382,7 @@ class ServerContext(_Context):
             alpn_protocols=alpn_protocols,
             offload=offload,
             handshake_timeout=handshake_timeout,
+            groups=groups,
         )
         ctx = self._ssl
         _load_identity(ctx, certfile, keyfile)
