@@ -37,7 +37,7 @@ from .errors import (
     RekeyUnsupported,
     ULPUnavailable,
 )
-from .records import MAX_PLAINTEXT
+from .records import CONTENT_TYPES, MAX_PLAINTEXT
 from .session import TrafficKeys
 from .suites import CIPHERS, Cipher
 from .wire import AlertDescription, ContentType, ProtocolVersion
@@ -60,7 +60,6 @@ __all__ = [
 
 _CMSG_SPACE = socket.CMSG_SPACE(1)
 _WHOLE_RECORD = MAX_PLAINTEXT + 1  # room that never cuts a record the kernel returns
-_KNOWN_TYPES = frozenset(ContentType.__members__.values())
 # What the kernel's RX errors mean, and the alert RFC 8446/5246 name for each.
 _RX_ERRORS: dict[int, tuple[str, AlertDescription]] = {
     errno.EBADMSG: (
@@ -333,11 +332,10 @@ class KernelRx(_KernelDirection, RxEngine):
         # buffer gets our own room.  A control record read into the caller's buffer
         # leaves its bytes there, past the zero bytes of data the caller is told of.
         target = buffer if len(buffer) >= _WHOLE_RECORD else self._room()
+        receive = functools.partial(self._sock.recvmsg_into, [target], _CMSG_SPACE, flags)
         try:
             try:
-                count, ancdata, _flags, _addr = self._sock.recvmsg_into(
-                    [target], _CMSG_SPACE, flags
-                )
+                count, ancdata, _flags, _addr = receive()
             except OSError as exc:
                 if exc.errno != errno.EKEYEXPIRED:
                     raise
@@ -348,9 +346,7 @@ class KernelRx(_KernelDirection, RxEngine):
                         linux.SOL_TLS, self._direction, linux.crypto_info_size(self._cipher)
                     )
                 )
-                count, ancdata, _flags, _addr = self._sock.recvmsg_into(
-                    [target], _CMSG_SPACE, flags
-                )
+                count, ancdata, _flags, _addr = receive()
         except OSError as exc:
             known = _RX_ERRORS.get(exc.errno or 0)
             if known is None:
@@ -379,7 +375,7 @@ class KernelRx(_KernelDirection, RxEngine):
 def _record_type(ancdata: list[tuple[int, int, bytes]]) -> ContentType:
     for level, kind, value in ancdata:
         if level == linux.SOL_TLS and kind == linux.TLS_GET_RECORD_TYPE:
-            if value[0] not in _KNOWN_TYPES:  # the kernel passes any inner type on
+            if value[0] not in CONTENT_TYPES:  # the kernel passes any inner type on
                 raise ProtocolViolation(
                     f"record of unknown content type {value[0]}",
                     AlertDescription.UNEXPECTED_MESSAGE,

@@ -298,8 +298,7 @@ class RecordReceiver:
     The receiver owns its buffer so that records are read into it and opened where
     they lie: :meth:`receive_buffer` gives room for the next bytes (``recv_into``),
     :meth:`received` says how many came.  A plaintext returned by :meth:`next_record`
-    is a view into that buffer, valid until the next :meth:`receive_buffer` or
-    :meth:`feed`.
+    is a view into that buffer, valid until the next :meth:`receive_buffer`.
     """
 
     def __init__(self, version: ProtocolVersion, cipher: Cipher, keys: TrafficKeys) -> None:
@@ -333,15 +332,6 @@ class RecordReceiver:
             self._room = _MAX_ROOM  # the socket had more: offer more next time
         self._end += count
 
-    def feed(self, data: bytes) -> None:
-        """Take bytes that were read elsewhere."""
-        while data:
-            room = self.receive_buffer()
-            count = min(len(room), len(data))
-            room[:count] = data[:count]
-            self.received(count)
-            data = data[count:]
-
     def _header(self) -> RecordHeader | None:
         if self._end - self._start < HEADER_LEN:
             return None
@@ -372,10 +362,6 @@ class RecordReceiver:
         except ProtocolViolation:
             return True
         return header is not None and self._end - self._start >= HEADER_LEN + header.length
-
-    @property
-    def buffered_bytes(self) -> int:
-        return self._end - self._start
 
     def rekey(self, keys: TrafficKeys) -> None:
         self._opener = Opener.from_keys(self._version, self._cipher, keys)

@@ -19,6 +19,7 @@ from .wire import AlertDescription, AlertLevel, ContentType, HandshakeType, KeyU
 
 __all__ = [
     "ANY_RECORD_VERSION",
+    "CONTENT_TYPES",
     "HEADER_LEN",
     "MAX_PLAINTEXT",
     "Alert",
@@ -62,7 +63,8 @@ class RecordHeader(NamedTuple):
     length: int
 
 
-_CONTENT_TYPES = frozenset(ContentType.__members__.values())
+# Every content type on the wire (RFC 8446 B.1), as the ints a parser sees.
+CONTENT_TYPES = frozenset(ContentType.__members__.values())
 
 
 def parse_header(
@@ -89,7 +91,7 @@ def parse_header_from(
 ) -> RecordHeader:
     """:func:`parse_header` of the 5 bytes at ``offset`` in ``buffer`` (no copy)."""
     content_type, version, length = _HEADER.unpack_from(buffer, offset)
-    if content_type not in _CONTENT_TYPES:
+    if content_type not in CONTENT_TYPES:
         raise ProtocolViolation(
             f"unknown record content type {content_type}", AlertDescription.UNEXPECTED_MESSAGE
         )
