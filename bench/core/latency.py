@@ -28,6 +28,7 @@ def _read_exactly(stream: Stream, buffer: bytearray) -> None:
 
 def measure(kind: Kind, processes: bool, cfg: Config) -> Sample:
     request = os.urandom(cfg.message_size)
+    endpoints.certs()  # made before any fork: both ends must trust one CA
 
     def client(sock: socket.socket, sync: Sync) -> Result:
         tls = endpoints.wrap(sock, kind, "client")

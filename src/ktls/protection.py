@@ -21,6 +21,7 @@ from .records import (
     HEADER_LEN,
     MAX_PLAINTEXT,
     PROTECTED_VERSIONS,
+    RECORD_HEADER,
     RecordHeader,
     encode_header,
     max_ciphertext,
@@ -85,10 +86,11 @@ class _Direction:
         self._tls13 = version is ProtocolVersion.TLS1_3
         self._xor_nonce = self._tls13 or not cipher.salt_len
         self._iv_int = int.from_bytes(iv, "big")
+        self._nonce_len = len(iv)
 
     def _nonce(self, explicit: bytes) -> bytes:
         if self._xor_nonce:
-            return (self._iv_int ^ self.seq).to_bytes(len(self._iv), "big")
+            return (self._iv_int ^ self.seq).to_bytes(self._nonce_len, "big")
         return self._iv + explicit
 
     def _check_seq(self) -> None:
@@ -135,17 +137,23 @@ class Sealer(_Direction):
         size = len(plaintext)
         if size > MAX_PLAINTEXT:
             raise ValueError(f"record plaintext over {MAX_PLAINTEXT} bytes")
-        self._check_seq()
+        seq = self.seq
+        if seq >= _SEQ_LIMIT:
+            self._check_seq()
         end = size + self.overhead
         if self._tls13:
-            header = encode_header(ContentType.APPLICATION_DATA, end - HEADER_LEN)
+            # The per-record path: inlined, as it runs once per record sent.
+            header = RECORD_HEADER.pack(ContentType.APPLICATION_DATA, 0x0303, end - HEADER_LEN)
             inner_end = HEADER_LEN + size + 1
             out[:HEADER_LEN] = header
             out[HEADER_LEN : inner_end - 1] = plaintext
             out[inner_end - 1] = content_type
             # Encrypted in place: the inner plaintext is already where the ciphertext goes.
             self._aead.encrypt_into(
-                self._nonce(b""), out[HEADER_LEN:inner_end], header, out[HEADER_LEN:end]
+                (self._iv_int ^ seq).to_bytes(self._nonce_len, "big"),
+                out[HEADER_LEN:inner_end],
+                header,
+                out[HEADER_LEN:end],
             )
         else:
             explicit = b""
@@ -155,9 +163,9 @@ class Sealer(_Direction):
             sealed_at = HEADER_LEN + len(explicit)
             out[:HEADER_LEN] = encode_header(content_type, end - HEADER_LEN)
             out[HEADER_LEN:sealed_at] = explicit
-            aad = _SEQ.pack(self.seq) + encode_header(content_type, size)
+            aad = _SEQ.pack(seq) + encode_header(content_type, size)
             self._aead.encrypt_into(self._nonce(explicit), plaintext, aad, out[sealed_at:end])
-        self.seq += 1
+        self.seq = seq + 1
         return end
 
 
@@ -181,20 +189,33 @@ class Opener(_Direction):
     ) -> tuple[ContentType, memoryview]:
         """Like :meth:`open`, decrypting ``body`` where it lies: the plaintext returned
         is a part of ``body``, and ``body`` holds garbage after a failure."""
-        self._check_seq()
+        seq = self.seq
+        if seq >= _SEQ_LIMIT:
+            self._check_seq()
         tag = self.cipher.tag_len
         if self._tls13:
-            if header.content_type != ContentType.APPLICATION_DATA:
+            # The per-record path: inlined, as it runs once per record received.
+            content_type, legacy_version, length = header
+            if content_type != ContentType.APPLICATION_DATA:
                 raise ProtocolViolation(
-                    f"unprotected record of type {header.content_type} after the handshake",
+                    f"unprotected record of type {content_type} after the handshake",
                     AlertDescription.UNEXPECTED_MESSAGE,
                 )
-            if len(body) > MAX_PLAINTEXT + 256:
+            size = len(body)
+            if size > MAX_PLAINTEXT + 256:
                 raise ProtocolViolation("record too long", AlertDescription.RECORD_OVERFLOW)
-            if len(body) < tag + 1:  # tag plus at least the inner content type
+            if size < tag + 1:  # tag plus at least the inner content type
                 raise ProtocolViolation("record too short", AlertDescription.BAD_RECORD_MAC)
-            aad = encode_header(header.content_type, header.length, header.legacy_version)
-            inner = self._decrypt(self._nonce(b""), body, aad)
+            inner = body[: size - tag]
+            try:
+                self._aead.decrypt_into(
+                    (self._iv_int ^ seq).to_bytes(self._nonce_len, "big"),
+                    body,
+                    RECORD_HEADER.pack(content_type, legacy_version, length),
+                    inner,
+                )
+            except InvalidTag:
+                raise _failed_authentication() from None
             if len(inner) > MAX_PLAINTEXT + 1:
                 raise ProtocolViolation(
                     "inner plaintext too long", AlertDescription.RECORD_OVERFLOW
@@ -214,32 +235,31 @@ class Opener(_Direction):
             if len(body) < explicit_len + tag:
                 raise ProtocolViolation("record too short", AlertDescription.BAD_RECORD_MAC)
             explicit, sealed = bytes(body[:explicit_len]), body[explicit_len:]
-            aad = _SEQ.pack(self.seq) + encode_header(
+            aad = _SEQ.pack(seq) + encode_header(
                 header.content_type, len(sealed) - tag, header.legacy_version
             )
-            plaintext = self._decrypt(self._nonce(explicit), sealed, aad)
+            plaintext = sealed[: len(sealed) - tag]
+            try:
+                self._aead.decrypt_into(self._nonce(explicit), sealed, aad, plaintext)
+            except InvalidTag:
+                raise _failed_authentication() from None
             content_type = header.content_type
             if len(plaintext) > MAX_PLAINTEXT:
                 raise ProtocolViolation("plaintext too long", AlertDescription.RECORD_OVERFLOW)
-        self.seq += 1
-        if content_type not in _OPEN_TYPES:
+        self.seq = seq + 1
+        known = _OPEN_TYPES.get(content_type)
+        if known is None:
             raise ProtocolViolation(
                 f"unexpected inner content type {content_type}",
                 AlertDescription.UNEXPECTED_MESSAGE,
             )
-        return _OPEN_TYPES[content_type], plaintext
+        return known, plaintext
 
-    def _decrypt(self, nonce: bytes, sealed: memoryview, aad: bytes) -> memoryview:
-        """Decrypt and authenticate in place: the plaintext is the front of ``sealed``."""
-        plaintext = sealed[: len(sealed) - self.cipher.tag_len]
-        try:
-            self._aead.decrypt_into(nonce, sealed, aad, plaintext)
-        except InvalidTag:
-            raise ProtocolViolation(
-                "record failed authentication (tampered or wrong key)",
-                AlertDescription.BAD_RECORD_MAC,
-            ) from None
-        return plaintext
+
+def _failed_authentication() -> ProtocolViolation:
+    return ProtocolViolation(
+        "record failed authentication (tampered or wrong key)", AlertDescription.BAD_RECORD_MAC
+    )
 
 
 # What a protected record may carry (change_cipher_spec never: RFC 8446 5, RFC 5246 7.1
@@ -265,6 +285,8 @@ class RecordSender:
         """``data`` as application data records of at most 2^14 bytes each, written to
         ``out`` (room for :meth:`sealed_size` bytes); return the bytes written."""
         seal_into = self._sealer.seal_into
+        if len(data) <= MAX_PLAINTEXT:
+            return seal_into(ContentType.APPLICATION_DATA, data, out)
         written = 0
         for start in range(0, len(data), MAX_PLAINTEXT):
             written += seal_into(
@@ -342,10 +364,13 @@ class RecordReceiver:
     def next_record(self) -> tuple[ContentType, memoryview] | None:
         """The next record's (content type, plaintext), or None until more bytes come.
         Raises ProtocolViolation for anything that must not be accepted."""
-        header = self._header()
-        if header is None:
+        start = self._start
+        if self._end - start < HEADER_LEN:
             return None
-        body_at = self._start + HEADER_LEN
+        header = parse_header_from(
+            self._buffer, start, max_length=self._max_length, versions=PROTECTED_VERSIONS
+        )
+        body_at = start + HEADER_LEN
         end = body_at + header.length
         if end > self._end:
             return None

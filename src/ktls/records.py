@@ -22,6 +22,7 @@ __all__ = [
     "CONTENT_TYPES",
     "HEADER_LEN",
     "MAX_PLAINTEXT",
+    "RECORD_HEADER",
     "Alert",
     "HandshakeBuffer",
     "HandshakeMessage",
@@ -43,7 +44,8 @@ HEADER_LEN = 5
 MAX_PLAINTEXT = 1 << 14
 # RFC 8446 5.2: TLSCiphertext.length <= 2^14 + 256.  RFC 5246 6.2.3: <= 2^14 + 2048.
 _MAX_CIPHERTEXT = {0x0304: MAX_PLAINTEXT + 256, 0x0303: MAX_PLAINTEXT + 2048}
-_HEADER = struct.Struct("!BHH")
+# The 5-byte record header: content type, legacy version, length (RFC 8446 5.1).
+RECORD_HEADER = struct.Struct("!BHH")
 # During the handshake a record may say 0x0301 (RFC 8446 5.1); after it, every record
 # says 0x0303, and the kernel rejects anything else, so the software engine does too.
 HANDSHAKE_VERSIONS = frozenset({0x0301, 0x0302, 0x0303})
@@ -90,7 +92,7 @@ def parse_header_from(
     versions: frozenset[int] = HANDSHAKE_VERSIONS,
 ) -> RecordHeader:
     """:func:`parse_header` of the 5 bytes at ``offset`` in ``buffer`` (no copy)."""
-    content_type, version, length = _HEADER.unpack_from(buffer, offset)
+    content_type, version, length = RECORD_HEADER.unpack_from(buffer, offset)
     if content_type not in CONTENT_TYPES:
         raise ProtocolViolation(
             f"unknown record content type {content_type}", AlertDescription.UNEXPECTED_MESSAGE
@@ -108,7 +110,7 @@ def parse_header_from(
 
 
 def encode_header(content_type: int, length: int, legacy_version: int = 0x0303) -> bytes:
-    return _HEADER.pack(content_type, legacy_version, length)
+    return RECORD_HEADER.pack(content_type, legacy_version, length)
 
 
 class RecordBuffer:

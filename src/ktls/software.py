@@ -104,12 +104,15 @@ class SoftwareTx(TxEngine):
         if not size:
             return 0
         with self._room(self._sender.sealed_size(size)) as room:  # at 0: nothing queued
-            self._filled = self._sender.seal_data_into(chunk, room)
+            filled = self._filled = self._sender.seal_data_into(chunk, room)
             # Recorded before sending: should the send fail with EAGAIN, the retry
             # finishes this call's records instead of sealing the data again.
             self._taken_pending = size
-            self._sent = self._sock.send(room[: self._filled], flags)
-        return self._finish_interrupted(flags)
+            sent = self._sent = self._sock.send(room[:filled], flags)
+        if sent < filled:
+            return self._finish_interrupted(flags)
+        self._filled = self._sent = self._taken_pending = 0
+        return size
 
     def sendfile(self, file_fd: int, offset: int, count: int, flags: int = 0) -> int:
         if self._taken_pending:  # the retry: the same file range was sealed already
@@ -143,9 +146,19 @@ class SoftwareRx(RxEngine):
         # caller's buffer (one call, one trip through the driver); a record is opened
         # where it lies, so the one copy is into ``buffer``.  Anything else is returned
         # as a view of the receiver's buffer, valid until the next call.
-        record = self._next_record(flags)
-        if record is None:
-            return None
+        receiver = self._receiver
+        record: tuple[ContentType, memoryview] | None
+        if self._held is not None:
+            record = self._take_held()
+        else:
+            record = receiver.next_record()
+            while record is None:
+                room = receiver.receive_buffer()
+                count = self._sock.recv_into(room, 0, flags)
+                if not count:
+                    return None  # a record cut short by the end of the stream is truncation too
+                receiver.received(count)
+                record = receiver.next_record()
         content_type, plaintext = record
         if content_type is not ContentType.APPLICATION_DATA or len(plaintext) > len(buffer):
             return record
@@ -153,7 +166,7 @@ class SoftwareRx(RxEngine):
         buffer[:filled] = plaintext
         while filled < len(buffer):
             try:
-                following = self._receiver.next_record()
+                following = receiver.next_record()
             except ProtocolViolation as exc:
                 self._held = exc  # this call's data is good; the next call fails
                 break
@@ -169,21 +182,12 @@ class SoftwareRx(RxEngine):
             filled += len(plaintext)
         return ContentType.APPLICATION_DATA, filled
 
-    def _next_record(self, flags: int) -> tuple[ContentType, memoryview] | None:
+    def _take_held(self) -> tuple[ContentType, memoryview]:
         held, self._held = self._held, None
         if isinstance(held, ProtocolViolation):
             raise held
-        if held is not None:
-            return held
-        while True:
-            record = self._receiver.next_record()
-            if record is not None:
-                return record
-            room = self._receiver.receive_buffer()
-            count = self._sock.recv_into(room, 0, flags)
-            if not count:
-                return None  # a record cut short by the end of the stream is truncation too
-            self._receiver.received(count)
+        assert held is not None
+        return held
 
     def ready(self) -> int | None:
         # A whole record in user space (select() won't show it) must be opened to know

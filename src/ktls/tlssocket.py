@@ -402,22 +402,23 @@ class TLSSocket:
         return len(self._unread)
 
     def _read_into(self, view: memoryview) -> int:
-        core = self._established()
+        core = self._core or self._established()
         rx = self._rx
         assert rx is not None
         with self._rx_lock:
-            deadline = self._deadline()
+            deadline = None if self._timeout is None else self._deadline()
             while True:
-                if self._unread:
-                    count = min(len(view), len(self._unread))
-                    view[:count] = self._unread[:count]
-                    self._unread = self._unread[count:]
+                unread = self._unread
+                if unread:
+                    count = min(len(view), len(unread))
+                    view[:count] = unread[:count]
+                    self._unread = unread[count:]
                     return count
-                self._check_open()
-                core.check_usable()  # reads only: no need for the lock
-                if core.peer_closed:
-                    return 0
-                if not view:
+                if self._closed:
+                    self._check_open()
+                if core.failure is not None:
+                    core.check_usable()
+                if core.peer_closed or not view:
                     return 0
                 count = self._read_step(core, rx, view, deadline)
                 if count:
@@ -454,12 +455,14 @@ class TLSSocket:
                     events = core.receive_eof()
             else:
                 content_type, payload = record
-                if isinstance(payload, int):  # the engine put it in place
-                    placed, payload = payload, view[:payload]
                 if content_type is ContentType.APPLICATION_DATA and core.takes_data:
                     # The core's own test that data concerns nobody but the caller:
                     # the common case goes by without the lock (one less per call).
-                    return placed or self._place(view, payload)
+                    if isinstance(payload, int):  # the engine put it in place
+                        return payload
+                    return self._place(view, payload)
+                if isinstance(payload, int):
+                    placed, payload = payload, view[:payload]
                 with self._lock:
                     events = core.receive_record(content_type, payload)
         for event in events:
@@ -521,8 +524,10 @@ class TLSSocket:
         return tx
 
     def _sending(self, core: Connection) -> TxEngine:
-        self._check_open()
-        core.check_can_send()  # reads only: no need for the lock
+        if self._closed:
+            self._check_open()
+        if core.failure is not None or core.close_sent:
+            core.check_can_send()  # reads only: no need for the lock
         if core.has_output:
             return self._move_output(core)
         tx = self._tx
@@ -535,24 +540,24 @@ class TLSSocket:
         On a non-blocking socket a BlockingIOError (or, with a timeout, TimeoutError)
         may come after the software engine sealed ``data`` in part: as with ``ssl``,
         call again with the same data and the call returns what had been taken."""
-        core, view = self._data_to_send(data, flags)
+        if flags:
+            raise ValueError("flags are not supported on a TLS socket")
+        core = self._core or self._established()
+        view = memoryview(data).cast("B")
         with self._tx_lock:
             return self._send_some(core, self._sending(core), view, self._deadline())
 
     def sendall(self, data: Buffer, flags: int = 0) -> None:
         """Send all of ``data``; a timeout bounds the whole call."""
-        core, rest = self._data_to_send(data, flags)
+        if flags:
+            raise ValueError("flags are not supported on a TLS socket")
+        core = self._core or self._established()
+        rest = memoryview(data).cast("B")
         with self._tx_lock:
             tx = self._sending(core)
             deadline = self._deadline()
             while rest:
                 rest = rest[self._send_some(core, tx, rest, deadline) :]
-
-    def _data_to_send(self, data: Buffer, flags: int) -> tuple[Connection, memoryview]:
-        """What send() and sendall() check first."""
-        if flags:
-            raise ValueError("flags are not supported on a TLS socket")
-        return self._established(), memoryview(data).cast("B")
 
     def _send_some(
         self, core: Connection, tx: TxEngine, view: memoryview, deadline: float | None
