@@ -103,6 +103,7 @@ class TLSSocket:
         self._rx_lock = threading.Lock()  # one reader at a time
         self._tx_lock = threading.Lock()  # one writer at a time
         self._handshake_lock = threading.Lock()
+        self._handshake_out: memoryview | None = None  # handshake bytes not sent yet
         self._closed = False
         self._io_refs = 0  # makefile() files still open
         self._taken_in = 0  # bytes read and dropped while closing
@@ -120,83 +121,122 @@ class TLSSocket:
         if core is not None:
             return core
         with self._handshake_lock:
-            if self._core is not None:
-                return self._core
-            if self._closed:
-                raise ClosedError("the TLS connection is closed")
-            if self._handshake_failure is not None:
-                raise BrokenError(f"the handshake failed: {self._handshake_failure}") from (
-                    self._handshake_failure
-                )
-            pending = self._pending
-            assert pending is not None
+            if (core := self._core) is not None:
+                return core  # another thread did it
+            pending = self._handshake_pending()
+            timeout = self._handshake_timeout
+            deadline = None if timeout is None else time.monotonic() + timeout
+            self._sock.setblocking(deadline is None)
             try:
-                self._core = self._run_handshake(pending)
-            except KTLSError as exc:
-                self._handshake_failure = exc
-                with contextlib.suppress(OSError):
-                    self._sock.shutdown(socket.SHUT_RDWR)
-                raise
-            self._pending = None
-            return self._core
+                while (writing := self._handshake_step(pending)) is not None:
+                    remaining = 0.0 if deadline is None else deadline - time.monotonic()
+                    if remaining <= 0:
+                        self._handshake_failed(
+                            HandshakeError(
+                                f"the handshake timed out after {timeout:g} s (handshake_timeout)"
+                            )
+                        )
+                    sockio.wait_fd(self._sock.fileno(), writing, remaining)
+            finally:
+                self.settimeout(self._timeout)
+            core = self._core
+            assert core is not None
+            return core
 
-    def _run_handshake(self, pending: handoff.Handshake) -> Connection:
-        timeout = self._handshake_timeout
-        deadline = None if timeout is None else time.monotonic() + timeout
-        self._sock.setblocking(deadline is None)
+    def _handshake_pending(self) -> handoff.Handshake:
+        """The handshake still to do (raises if the socket is closed or it failed)."""
+        if self._closed:
+            raise ClosedError("the TLS connection is closed")
+        if self._handshake_failure is not None:
+            raise BrokenError(f"the handshake failed: {self._handshake_failure}") from (
+                self._handshake_failure
+            )
+        pending = self._pending
+        assert pending is not None
+        return pending
+
+    def _handshake_nowait(self) -> bool | None:
+        """For event loops (the socket is non-blocking): advance the handshake as far
+        as it goes without waiting.  None once the connection is established, else
+        what it waits for: True to write, False to read.  Raises HandshakeError."""
+        if self._core is not None:
+            return None
+        with self._handshake_lock:
+            return self._handshake_step(self._handshake_pending())
+
+    def _handshake_step(self, pending: handoff.Handshake) -> bool | None:
+        """The pump, for every I/O style: peek at what the peer sent, take out of the
+        socket what the driver used (never past its last handshake record), send what
+        it gives; then install the engines.  On a blocking socket it runs to the end;
+        on a non-blocking one it returns what it waits for (True: to write).
+
+        A peek sees a whole flight at once: two calls where reading each record's
+        header and body took two per record."""
+        driver = pending.driver
+        sock = self._sock
         try:
-            try:
-                self._pump(pending, deadline)
-            except TimeoutError as exc:
-                raise HandshakeError(
-                    f"the handshake timed out after {timeout:g} s (handshake_timeout)"
-                ) from exc
-            except OSError as exc:
-                raise HandshakeError(f"connection failed during the handshake: {exc}") from exc
-            try:
-                self._tx, self._rx = handoff.install(pending)
-            except (KernelUnsupported, SoftwareUnsupported):
-                if pending.abort_engine is not None:
-                    with contextlib.suppress(OSError, KTLSError):
-                        pending.abort_engine.drain(self.close_timeout)
-                raise
-        finally:
-            self.settimeout(self._timeout)
+            if self._handshake_out is None:  # first step: the ClientHello, if ours
+                self._handshake_out = memoryview(driver.data_to_send())
+            while True:
+                out = self._handshake_out
+                if out:
+                    try:
+                        self._handshake_out = out[sock.send(out) :]
+                    except BlockingIOError:
+                        return True
+                    continue
+                if driver.done:
+                    break
+                try:
+                    data = sock.recv(_HANDSHAKE_PEEK, socket.MSG_PEEK)
+                except BlockingIOError:
+                    return False
+                if not data:
+                    raise HandshakeError("the peer closed the connection during the handshake")
+                try:
+                    used = driver.receive(data)
+                except HandshakeError:
+                    with contextlib.suppress(OSError):  # the alert OpenSSL owes, if it fits
+                        sock.send(driver.data_to_send(), socket.MSG_DONTWAIT)
+                    raise
+                while used:  # already in the socket: no waiting
+                    taken = len(sock.recv(used))
+                    if not taken:
+                        raise HandshakeError("the peer closed the connection during the handshake")
+                    used -= taken
+                self._handshake_out = memoryview(driver.data_to_send())
+            self._core = self._installed(pending)
+        except KTLSError as exc:
+            self._handshake_failed(exc)
+        except OSError as exc:
+            self._handshake_failed(
+                HandshakeError(f"connection failed during the handshake: {exc}"), exc
+            )
+        self._pending = None
+        return None
+
+    def _handshake_failed(self, exc: KTLSError, cause: BaseException | None = None) -> NoReturn:
+        """The handshake failed for good: remember why, stop the socket, raise."""
+        self._handshake_failure = exc
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        if cause is not None:
+            raise exc from cause
+        raise exc
+
+    def _installed(self, pending: handoff.Handshake) -> Connection:
+        """The engines for the finished handshake, and the connection core over them."""
+        try:
+            self._tx, self._rx = handoff.install(pending)
+        except (KernelUnsupported, SoftwareUnsupported):
+            if pending.abort_engine is not None:
+                with contextlib.suppress(OSError, KTLSError):
+                    pending.abort_engine.drain(self.close_timeout)
+            raise
         session = pending.driver.session
         if session.version is ProtocolVersion.TLS1_3 and session.role is Role.CLIENT:
             self._tickets = TicketSink(pending.conn, session)
         return Connection(session, tickets=self._tickets)
-
-    def _pump(self, pending: handoff.Handshake, deadline: float | None) -> None:
-        """The blocking pump: peek at what the peer sent, take out of the socket what the
-        driver used (never past its last handshake record), send what it gives.  A
-        peek sees a whole flight at once: two calls where reading each record's header
-        and body took two per record."""
-        driver = pending.driver
-        sock = self._sock
-        peek = functools.partial(sock.recv, _HANDSHAKE_PEEK, socket.MSG_PEEK)
-        self._send_raw(driver.data_to_send(), deadline)
-        while not driver.done:
-            data = self._wait_for(peek, False, deadline)
-            if not data:
-                raise HandshakeError("the peer closed the connection during the handshake")
-            try:
-                used = driver.receive(data)
-            except HandshakeError:
-                with contextlib.suppress(OSError):  # the alert OpenSSL owes the peer
-                    self._send_raw(driver.data_to_send(), time.monotonic() + self.close_timeout)
-                raise
-            while used:  # already in the socket: no waiting
-                taken = len(sock.recv(used))
-                if not taken:
-                    raise HandshakeError("the peer closed the connection during the handshake")
-                used -= taken
-            self._send_raw(driver.data_to_send(), deadline)
-
-    def _send_raw(self, data: bytes, deadline: float | None) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[self._wait_for(functools.partial(self._sock.send, view), True, deadline) :]
 
     # -- waiting ------------------------------------------------------------------------------
 
@@ -508,6 +548,21 @@ class TLSSocket:
         finally:
             self._tx_lock.release()
 
+    def _flush_nowait(self) -> bool:
+        """For event loops: push out, without waiting, what the connection owes the
+        peer or has queued; whether nothing is left."""
+        core, tx = self._core, self._tx
+        if core is None or tx is None or not (core.has_output or tx.queued):
+            return True
+        with self._tx_lock:
+            try:
+                self._move_output(core).flush(socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return False
+            except (OSError, KTLSError) as exc:
+                self._send_broken(core, exc)
+        return True
+
     # -- writing -----------------------------------------------------------------------------
 
     def _move_output(self, core: Connection) -> TxEngine:
@@ -702,19 +757,32 @@ class TLSSocket:
         core = self._core
         if core is not None and self._sock.fileno() >= 0:
             deadline = time.monotonic() + self.close_timeout
-            self._take_in_quietly(core)
-            with self._lock:
-                due = core.send_close_notify() or core.has_output
-            due = due or (self._tx is not None and self._tx.queued)
-            sent = not due
-            if due and self._tx_lock.acquire(timeout=self.close_timeout):
-                try:
-                    with contextlib.suppress(OSError, KTLSError):
-                        sent = self._move_output(core).drain(self.close_timeout)
-                finally:
-                    self._tx_lock.release()
-            if sent and core.failure is None:
+            if self._say_goodbye(core, self.close_timeout) and core.failure is None:
                 self._linger(core, deadline)
+        self._sock.close()
+
+    def _say_goodbye(self, core: Connection, timeout: float) -> bool:
+        """Take in what the peer already sent (without waiting), then send close_notify
+        (when the connection is healthy) and whatever else is queued, within
+        ``timeout``.  Whether everything went out."""
+        self._take_in_quietly(core)
+        with self._lock:
+            due = core.send_close_notify() or core.has_output
+        due = due or (self._tx is not None and self._tx.queued)
+        if not due:
+            return True
+        if not self._tx_lock.acquire(timeout=timeout):
+            return False
+        try:
+            with contextlib.suppress(OSError, KTLSError):
+                return self._move_output(core).drain(timeout)
+            return False
+        finally:
+            self._tx_lock.release()
+
+    def _abort(self) -> None:
+        """Close the socket now: nothing more is sent or read (no close_notify)."""
+        self._closed = True
         self._sock.close()
 
     def _linger(self, core: Connection, deadline: float) -> None:
@@ -732,15 +800,8 @@ class TLSSocket:
         woken = False  # the last wait ended because the socket became readable
         while True:
             taken = self._taken_in
-            self._take_in_quietly(core)
-            try:
-                in_flight = sockio.unacknowledged(self._sock)
-                if in_flight and sockio.tcp_state(self._sock) == sockio.TCP_CLOSE:
-                    return  # reset: what is in flight will never be acknowledged
-            except OSError:
-                return  # not TCP (TLS over a Unix socket pair): nothing to wait for
-            remaining = deadline - time.monotonic()
-            if not in_flight or remaining <= 0:
+            remaining = self._linger_left(core, deadline)
+            if remaining is None:
                 return
             # The acknowledgement mostly rides on what the peer sends next (its tickets,
             # close_notify, FIN, or a reset), so wake when that arrives, not a pause
@@ -751,6 +812,21 @@ class TLSSocket:
             else:
                 woken = sockio.wait_fd(self._sock.fileno(), False, min(pause, remaining))
             pause = min(pause * 2, 0.05)
+
+    def _linger_left(self, core: Connection, deadline: float) -> float | None:
+        """One look while lingering: take in what came, then None when there is
+        nothing left to wait for, else the seconds left until ``deadline``."""
+        self._take_in_quietly(core)
+        try:
+            in_flight = sockio.unacknowledged(self._sock)
+            if in_flight and sockio.tcp_state(self._sock) == sockio.TCP_CLOSE:
+                return None  # reset: what is in flight will never be acknowledged
+        except OSError:
+            return None  # not TCP (TLS over a Unix socket pair): nothing to wait for
+        remaining = deadline - time.monotonic()
+        if not in_flight or remaining <= 0:
+            return None
+        return remaining
 
     def _take_in_quietly(self, core: Connection) -> None:
         """Read, without waiting, what the peer already sent: tickets and close_notify
