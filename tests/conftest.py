@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ import trustme
 
 from ktls.kernel import read_tls_stat, ulp_error
 
+from .aio import IO_STYLES, IOStyle, io_style
 from .peers import Certs
 
 ENGINES = [
@@ -78,6 +80,14 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
         client=base / "client.pem",
         other_ca=base / "other-ca.pem",
     )
+
+
+@pytest.fixture(params=IO_STYLES)
+def io(request: pytest.FixtureRequest) -> Iterator[IOStyle]:
+    """How the test drives its connections: the blocking API, or ktls.asyncio on the
+    default event loop or on uvloop (tests/aio.py: the same calls, through transports)."""
+    with io_style(request.param) as style:
+        yield style
 
 
 @pytest.fixture(params=ENGINES)

@@ -6,6 +6,7 @@ host lacks kTLS) and on the software engine, and asserts which engine carried it
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import socket
@@ -18,6 +19,7 @@ import pytest
 import ktls
 from ktls import AlertDescription
 
+from .aio import IOStyle
 from .conftest import assert_engine, rekey_expected
 from .peers import (
     Certs,
@@ -102,13 +104,13 @@ MATRIX = [
 
 @pytest.mark.parametrize(("version", "cipher", "peer"), MATRIX)
 def test_client_exchanges_data(
-    certs: Certs, engine: str, version: str, cipher: str, peer: str
+    certs: Certs, io: IOStyle, engine: str, version: str, cipher: str, peer: str
 ) -> None:
     context = _client(certs, engine, version, cipher)
     if peer == "python":
         server_ctx = python_ssl_context(certs, server=True, version=version, cipher=cipher)
         with python_ssl_server(server_ctx, echo_until_close) as (address, thread):
-            tls = context.connect(address, server_hostname="localhost")
+            tls = io.connect(context, address, server_hostname="localhost")
             assert_engine(tls, engine)
             assert tls.version() == version
             assert tls.tls_session.suite.openssl_name == suite_name(version, cipher)
@@ -122,7 +124,7 @@ def test_client_exchanges_data(
             assert thread.join() == len(payload)
     else:
         with openssl_server(certs, version, cipher, "-rev") as (address, proc):
-            tls = context.connect(address, server_hostname="localhost")
+            tls = io.connect(context, address, server_hostname="localhost")
             assert_engine(tls, engine)
             lines = _lines()
             tls.sendall(lines)
@@ -137,10 +139,10 @@ def test_client_exchanges_data(
 
 @pytest.mark.parametrize(("version", "cipher", "peer"), MATRIX)
 def test_server_exchanges_data(
-    certs: Certs, engine: str, version: str, cipher: str, peer: str
+    certs: Certs, io: IOStyle, engine: str, version: str, cipher: str, peer: str
 ) -> None:
     context = _server(certs, engine, version, cipher)
-    with context.listen(("127.0.0.1", 0)) as listener:
+    with io.listen(context, ("127.0.0.1", 0)) as listener:
         if peer == "python":
             payload = _payload()
 
@@ -183,10 +185,10 @@ def test_server_exchanges_data(
                 proc.stop()
 
 
-def test_small_reads_never_return_more_than_asked(certs: Certs, engine: str) -> None:
+def test_small_reads_never_return_more_than_asked(certs: Certs, io: IOStyle, engine: str) -> None:
     server_ctx = python_ssl_context(certs, server=True)
     with python_ssl_server(server_ctx, echo_until_close) as (address, peer):
-        tls = _client(certs, engine).connect(address, server_hostname="localhost")
+        tls = io.connect(_client(certs, engine), address, server_hostname="localhost")
         payload = _payload(3 * 16384 + 7)
         tls.sendall(payload)
         received = bytearray()
@@ -207,10 +209,10 @@ def test_small_reads_never_return_more_than_asked(certs: Certs, engine: str) -> 
         assert peer.join() == len(payload)
 
 
-def test_server_with_ecdsa_and_rsa_certificates(certs: Certs, engine: str) -> None:
+def test_server_with_ecdsa_and_rsa_certificates(certs: Certs, io: IOStyle, engine: str) -> None:
     for cert in (certs.server_rsa, certs.server_ecdsa):
         context = ktls.ServerContext(cert, offload=engine)  # type: ignore[arg-type]
-        with context.listen(("127.0.0.1", 0)) as listener:
+        with io.listen(context, ("127.0.0.1", 0)) as listener:
 
             def client() -> str | None:
                 ctx = python_ssl_context(certs, server=False)
@@ -230,18 +232,22 @@ def test_server_with_ecdsa_and_rsa_certificates(certs: Certs, engine: str) -> No
 
 @pytest.mark.kernel
 @pytest.mark.parametrize("version", VERSIONS)
-def test_kernel_state_reads_back(certs: Certs, version: str) -> None:
+def test_kernel_state_reads_back(certs: Certs, io: IOStyle, version: str) -> None:
     """getsockopt shows the keys we installed and the kernel counting records."""
     server_ctx = python_ssl_context(certs, server=True, version=version)
     with python_ssl_server(server_ctx, echo_until_close) as (address, peer):
-        tls = _client(certs, "kernel", version).connect(address, server_hostname="localhost")
+        tls = io.connect(_client(certs, "kernel", version), address, server_hostname="localhost")
         session = tls.tls_session
         tx, rx = tls.kernel_crypto_info("tx"), tls.kernel_crypto_info("rx")
         assert tx is not None
         assert rx is not None
         assert tx.cipher is session.suite.cipher
         assert tx.version == session.version
-        assert (tx.rec_seq, rx.rec_seq) == (session.tx.seq, session.rx.seq)
+        assert tx.rec_seq == session.tx.seq
+        if io.name == "blocking":
+            assert rx.rec_seq == session.rx.seq
+        else:  # a transport reads at once: TLS 1.3 tickets may be in already
+            assert rx.rec_seq >= session.rx.seq
         for _ in range(3):
             tls.sendall(b"ping")
             assert _recv_exactly(tls, 4) == b"ping"
@@ -260,7 +266,9 @@ def test_kernel_state_reads_back(certs: Certs, version: str) -> None:
 
 
 @pytest.mark.parametrize("version", VERSIONS)
-def test_sendfile_large_file(certs: Certs, engine: str, version: str, tmp_path: Path) -> None:
+def test_sendfile_large_file(
+    certs: Certs, io: IOStyle, engine: str, version: str, tmp_path: Path
+) -> None:
     size = 8 * 1024 * 1024 + 12345
     path = tmp_path / "big"
     path.write_bytes(os.urandom(size))
@@ -268,7 +276,7 @@ def test_sendfile_large_file(certs: Certs, engine: str, version: str, tmp_path: 
 
     server_ctx = python_ssl_context(certs, server=True, version=version)
     with python_ssl_server(server_ctx, hash_until_close) as (address, thread):
-        tls = _client(certs, engine, version).connect(address, server_hostname="localhost")
+        tls = io.connect(_client(certs, engine, version), address, server_hostname="localhost")
         assert_engine(tls, engine)
         with path.open("rb") as f:
             assert tls.sendfile(f) == size
@@ -279,7 +287,7 @@ def test_sendfile_large_file(certs: Certs, engine: str, version: str, tmp_path: 
         assert thread.join() == (expected, size)
 
 
-def test_sendfile_offset_and_count(certs: Certs, engine: str, tmp_path: Path) -> None:
+def test_sendfile_offset_and_count(certs: Certs, io: IOStyle, engine: str, tmp_path: Path) -> None:
     path = tmp_path / "part"
     content = os.urandom(300_000)
     path.write_bytes(content)
@@ -292,7 +300,7 @@ def test_sendfile_offset_and_count(certs: Certs, engine: str, tmp_path: Path) ->
         return bytes(data)
 
     with python_ssl_server(python_ssl_context(certs, server=True), read_all) as (address, peer):
-        tls = _client(certs, engine).connect(address, server_hostname="localhost")
+        tls = io.connect(_client(certs, engine), address, server_hostname="localhost")
         with path.open("rb") as f:
             assert tls.sendfile(f, 1000, 200_000) == 200_000
         tls.shutdown(socket.SHUT_WR)
@@ -305,7 +313,7 @@ def test_sendfile_offset_and_count(certs: Certs, engine: str, tmp_path: Path) ->
 
 
 @pytest.mark.parametrize("version", VERSIONS)
-def test_client_resumes_session(certs: Certs, engine: str, version: str) -> None:
+def test_client_resumes_session(certs: Certs, io: IOStyle, engine: str, version: str) -> None:
     server_ctx = python_ssl_context(certs, server=True, version=version)
 
     def serve_twice(listener: socket.socket) -> list[bool]:
@@ -321,13 +329,15 @@ def test_client_resumes_session(certs: Certs, engine: str, version: str) -> None
     listener = socket.create_server(("127.0.0.1", 0))
     thread = run_in_thread(lambda: serve_twice(listener))
     context = _client(certs, engine, version)
-    first = context.connect(listener.getsockname(), server_hostname="localhost")
+    first = io.connect(context, listener.getsockname(), server_hostname="localhost")
     assert _recv_exactly(first, 5) == b"hello"
     first.sendall(b"thank")
     session = first.session
     assert not first.session_reused
     first.close()
-    second = context.connect(listener.getsockname(), server_hostname="localhost", session=session)
+    second = io.connect(
+        context, listener.getsockname(), server_hostname="localhost", session=session
+    )
     assert_engine(second, engine)
     assert second.session_reused
     assert _recv_exactly(second, 5) == b"hello"
@@ -338,9 +348,9 @@ def test_client_resumes_session(certs: Certs, engine: str, version: str) -> None
 
 
 @pytest.mark.parametrize("version", VERSIONS)
-def test_server_resumes_session(certs: Certs, engine: str, version: str) -> None:
+def test_server_resumes_session(certs: Certs, io: IOStyle, engine: str, version: str) -> None:
     context = _server(certs, engine, version)
-    with context.listen(("127.0.0.1", 0)) as listener:
+    with io.listen(context, ("127.0.0.1", 0)) as listener:
 
         def client_twice() -> list[bool]:
             ctx = python_ssl_context(certs, server=False, version=version)
@@ -371,14 +381,14 @@ def test_server_resumes_session(certs: Certs, engine: str, version: str) -> None
 # -- closing, truncation, alerts, tampering ------------------------------------------------
 
 
-def test_peer_close_notify_ends_stream(certs: Certs, engine: str) -> None:
+def test_peer_close_notify_ends_stream(certs: Certs, io: IOStyle, engine: str) -> None:
     def close_first(conn: ssl.SSLSocket) -> bytes:
         conn.sendall(b"bye")
         conn.unwrap()  # close_notify, then waits for ours
         return b"ok"
 
     with python_ssl_server(python_ssl_context(certs, server=True), close_first) as (addr, peer):
-        tls = _client(certs, engine).connect(addr, server_hostname="localhost")
+        tls = io.connect(_client(certs, engine), addr, server_hostname="localhost")
         assert _recv_exactly(tls, 3) == b"bye"
         assert tls.recv(10) == b""
         assert tls.recv(10) == b""  # stays at end of stream
@@ -386,7 +396,7 @@ def test_peer_close_notify_ends_stream(certs: Certs, engine: str) -> None:
         assert peer.join() == b"ok"
 
 
-def test_truncated_stream_is_an_error(certs: Certs, engine: str) -> None:
+def test_truncated_stream_is_an_error(certs: Certs, io: IOStyle, engine: str) -> None:
     def cut(conn: ssl.SSLSocket) -> None:
         conn.sendall(b"partial")
         raw = socket.socket(fileno=os.dup(conn.fileno()))
@@ -394,17 +404,17 @@ def test_truncated_stream_is_an_error(certs: Certs, engine: str) -> None:
         raw.close()
 
     with python_ssl_server(python_ssl_context(certs, server=True), cut) as (address, peer):
-        tls = _client(certs, engine).connect(address, server_hostname="localhost")
+        tls = io.connect(_client(certs, engine), address, server_hostname="localhost")
         assert _recv_exactly(tls, 7) == b"partial"
         with pytest.raises(ktls.TruncatedStream, match="without close_notify"):
             tls.recv(10)
-        with pytest.raises(ktls.BrokenError):
+        with pytest.raises(io.after_failure):
             tls.recv(10)
         tls.close()
         peer.join()
 
 
-def test_tampered_record_from_peer(certs: Certs, engine: str) -> None:
+def test_tampered_record_from_peer(certs: Certs, io: IOStyle, engine: str) -> None:
     def serve(conn: ssl.SSLSocket) -> str:
         conn.sendall(b"first")
         assert conn.recv(2) == b"go"
@@ -417,7 +427,7 @@ def test_tampered_record_from_peer(certs: Certs, engine: str) -> None:
 
     with python_ssl_server(python_ssl_context(certs, server=True), serve) as (address, peer):
         relay = TamperingRelay(address)
-        tls = _client(certs, engine).connect(relay.address, server_hostname="localhost")
+        tls = io.connect(_client(certs, engine), relay.address, server_hostname="localhost")
         assert _recv_exactly(tls, 5) == b"first"
         relay.tamper_to_client.set()
         tls.sendall(b"go")
@@ -425,7 +435,7 @@ def test_tampered_record_from_peer(certs: Certs, engine: str) -> None:
             tls.recv(100)
         assert info.value.alert is AlertDescription.BAD_RECORD_MAC
         assert relay.tampered.is_set()
-        with pytest.raises(ktls.BrokenError):
+        with pytest.raises(io.after_failure):
             tls.recv(100)
         tls.close()
         # The peer was told why: our bad_record_mac alert reached it.
@@ -433,7 +443,7 @@ def test_tampered_record_from_peer(certs: Certs, engine: str) -> None:
         relay.close()
 
 
-def test_peer_alert_after_tampering_toward_peer(certs: Certs, engine: str) -> None:
+def test_peer_alert_after_tampering_toward_peer(certs: Certs, io: IOStyle, engine: str) -> None:
     def serve(conn: ssl.SSLSocket) -> str:
         conn.sendall(b"ready")  # the handshake is over on both sides
         try:
@@ -444,7 +454,7 @@ def test_peer_alert_after_tampering_toward_peer(certs: Certs, engine: str) -> No
 
     with python_ssl_server(python_ssl_context(certs, server=True), serve) as (address, peer):
         relay = TamperingRelay(address)
-        tls = _client(certs, engine).connect(relay.address, server_hostname="localhost")
+        tls = io.connect(_client(certs, engine), relay.address, server_hostname="localhost")
         assert _recv_exactly(tls, 5) == b"ready"
         relay.tamper_to_server.set()
         tls.sendall(b"this record gets a flipped bit")
@@ -460,13 +470,13 @@ def test_peer_alert_after_tampering_toward_peer(certs: Certs, engine: str) -> No
 # -- KeyUpdate -----------------------------------------------------------------------------
 
 
-def test_key_update_started_by_us(certs: Certs, engine: str) -> None:
+def test_key_update_started_by_us(certs: Certs, io: IOStyle, engine: str) -> None:
     def serve(conn: ssl.SSLSocket) -> int:
         return echo_until_close(conn)
 
     server_ctx = python_ssl_context(certs, server=True, version="TLSv1.3")
     with python_ssl_server(server_ctx, serve) as (address, peer):
-        tls = _client(certs, engine, "TLSv1.3").connect(address, server_hostname="localhost")
+        tls = io.connect(_client(certs, engine, "TLSv1.3"), address, server_hostname="localhost")
         assert_engine(tls, engine)
         tls.sendall(b"before")
         assert _recv_exactly(tls, 6) == b"before"
@@ -494,12 +504,12 @@ def _tls_stat_delta(before: dict[str, int] | None, name: str) -> int:
     return after.get(name, 0) - (before or {}).get(name, 0)
 
 
-def test_our_key_update_reaches_openssl(certs: Certs, engine: str) -> None:
+def test_our_key_update_reaches_openssl(certs: Certs, io: IOStyle, engine: str) -> None:
     """Proof from outside that we sent a KeyUpdate and then used the new keys: the
     peer's own message trace shows it, the data after it decrypts there, and on the
     kernel engine the kernel's read-back and counters show the new key in use."""
     with openssl_server(certs, "TLSv1.3", None, "-msg") as (address, proc):
-        tls = _client(certs, engine, "TLSv1.3").connect(address, server_hostname="localhost")
+        tls = io.connect(_client(certs, engine, "TLSv1.3"), address, server_hostname="localhost")
         assert_engine(tls, engine)
         proc.wait_for(rb"CIPHER is")
         tls.sendall(b"before the update\n")
@@ -534,12 +544,14 @@ def test_our_key_update_reaches_openssl(certs: Certs, engine: str) -> None:
         tls.close()
 
 
-def test_our_key_update_reaches_gnutls(certs: Certs, engine: str) -> None:
+def test_our_key_update_reaches_gnutls(certs: Certs, io: IOStyle, engine: str) -> None:
     """GnuTLS's echo server: it can only echo what follows our KeyUpdate if it took the
     update, and we can only read the echo if we took its answer."""
     server = GnuTLSServer(certs)
     try:
-        tls = _client(certs, engine, "TLSv1.3").connect(server.address, server_hostname="localhost")
+        tls = io.connect(
+            _client(certs, engine, "TLSv1.3"), server.address, server_hostname="localhost"
+        )
         assert_engine(tls, engine)
         tls.sendall(b"one\n")  # gnutls-serv --echo answers line by line
         assert _recv_exactly(tls, 4) == b"one\n"
@@ -558,14 +570,17 @@ def test_our_key_update_reaches_gnutls(certs: Certs, engine: str) -> None:
         server.stop()
 
 
-def test_key_update_started_by_peer(certs: Certs, engine: str) -> None:
+def test_key_update_started_by_peer(certs: Certs, io: IOStyle, engine: str) -> None:
     with openssl_server(certs, "TLSv1.3", None) as (address, proc):
-        tls = _client(certs, engine, "TLSv1.3").connect(address, server_hostname="localhost")
+        tls = io.connect(_client(certs, engine, "TLSv1.3"), address, server_hostname="localhost")
         assert_engine(tls, engine)
         proc.wait_for(rb"CIPHER is")
         proc.write(b"K\n")  # s_server: KeyUpdate, update_requested
         time.sleep(1)  # s_server must read "K" alone (its output is buffered: no signal)
-        proc.write(b"under the new key\n")
+        # Where the kernel cannot rekey, a transport (reading at once) has ended the
+        # connection by now, and the peer may be gone.
+        with contextlib.suppress(BrokenPipeError):
+            proc.write(b"under the new key\n")
         if rekey_expected(engine):
             assert _recv_exactly(tls, 18) == b"under the new key\n"
             tls.sendall(b"reply under our new key\n")
@@ -573,14 +588,14 @@ def test_key_update_started_by_peer(certs: Certs, engine: str) -> None:
         else:
             with pytest.raises(ktls.RekeyUnsupported, match=r"6\.14"):
                 tls.recv(100)
-            with pytest.raises(ktls.BrokenError):
+            with pytest.raises(io.after_failure):
                 tls.recv(100)
         tls.close()
 
 
-def test_key_update_started_by_peer_to_our_server(certs: Certs, engine: str) -> None:
+def test_key_update_started_by_peer_to_our_server(certs: Certs, io: IOStyle, engine: str) -> None:
     context = _server(certs, engine, "TLSv1.3")
-    with context.listen(("127.0.0.1", 0)) as listener:
+    with io.listen(context, ("127.0.0.1", 0)) as listener:
         proc = openssl_client(certs, listener.getsockname(), "TLSv1.3", None)
         try:
             tls, _ = listener.accept()
@@ -588,7 +603,10 @@ def test_key_update_started_by_peer_to_our_server(certs: Certs, engine: str) -> 
             proc.wait_for(rb"Verify return code: 0")
             proc.write(b"K\n")  # s_client: KeyUpdate, update_requested
             time.sleep(1)
-            proc.write(b"under the new key\n")
+            # Where the kernel cannot rekey, a transport (reading at once) has ended the
+            # connection by now, and the peer may be gone.
+            with contextlib.suppress(BrokenPipeError):
+                proc.write(b"under the new key\n")
             if rekey_expected(engine):
                 assert _recv_exactly(tls, 18) == b"under the new key\n"
                 tls.sendall(b"server reply under its new key\n")
@@ -601,11 +619,11 @@ def test_key_update_started_by_peer_to_our_server(certs: Certs, engine: str) -> 
             proc.stop()
 
 
-def test_key_update_from_a_gnutls_client(certs: Certs, engine: str) -> None:
+def test_key_update_from_a_gnutls_client(certs: Certs, io: IOStyle, engine: str) -> None:
     """gnutls-cli's ^rekey^ (KeyUpdate, update_requested) against our server: we must
     take its new key and answer with ours before our reply, which it then decrypts."""
     context = _server(certs, engine, "TLSv1.3")
-    with context.listen(("127.0.0.1", 0)) as listener:
+    with io.listen(context, ("127.0.0.1", 0)) as listener:
         port = listener.getsockname()[1]
         proc = PeerProcess(
             ["--x509cafile", str(certs.ca), "-p", str(port), "--inline-commands", "localhost"],
@@ -635,20 +653,29 @@ def test_key_update_from_a_gnutls_client(certs: Certs, engine: str) -> None:
 # -- renegotiation -------------------------------------------------------------------------
 
 
-def test_tls12_renegotiation_is_refused(certs: Certs, engine: str) -> None:
+def test_tls12_renegotiation_is_refused(certs: Certs, io: IOStyle, engine: str) -> None:
     with openssl_server(certs, "TLSv1.2", None) as (address, proc):
-        tls = _client(certs, engine, "TLSv1.2").connect(address, server_hostname="localhost")
+        tls = io.connect(_client(certs, engine, "TLSv1.2"), address, server_hostname="localhost")
         proc.wait_for(rb"CIPHER is")
         proc.write(b"R\n")  # s_server: send HelloRequest
         time.sleep(1)
-        proc.write(b"still there\n")
+        # A blocking client reads the HelloRequest only when asked; a transport reads
+        # (and refuses) at once, and s_server may be gone before this line.
+        with contextlib.suppress(BrokenPipeError):
+            proc.write(b"still there\n")
         # We refuse with a no_renegotiation warning.  OpenSSL as a server takes that
         # refusal as fatal: it says "no renegotiation" and ends with handshake_failure.
-        received = _recv_exactly(tls, 12)
+        received = bytearray()
+
+        def read_until_error() -> None:
+            while True:
+                received.extend(tls.recv(100))
+
         with pytest.raises(ktls.AlertReceived) as info:
-            tls.recv(100)
+            read_until_error()
         assert info.value.alert is AlertDescription.HANDSHAKE_FAILURE
-        assert received == b"still there\n"
+        if io.name == "blocking":
+            assert received == b"still there\n"
         tls.close()
         proc.finish()
         assert b"no renegotiation" in proc.errors
@@ -659,7 +686,7 @@ def test_tls12_renegotiation_is_refused(certs: Certs, engine: str) -> None:
 
 @pytest.mark.parametrize("how", ["sendfile", "sendall"])
 def test_peer_reset_while_streaming_is_reported(
-    certs: Certs, engine: str, how: str, tmp_path: Path
+    certs: Certs, io: IOStyle, engine: str, how: str, tmp_path: Path
 ) -> None:
     """The client reads half of a 16 MiB transfer, then resets (SO_LINGER 0).  The
     kernel's TLS send path hides the reset (every later send "succeeds"); ktls must
@@ -668,7 +695,7 @@ def test_peer_reset_while_streaming_is_reported(
     path = tmp_path / "big"
     path.write_bytes(os.urandom(size))
     server = _server(certs, engine)
-    with server.listen(("127.0.0.1", 0)) as listener:
+    with io.listen(server, ("127.0.0.1", 0)) as listener:
 
         def client() -> int:
             raw = socket.socket()

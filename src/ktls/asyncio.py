@@ -149,6 +149,7 @@ class TLSTransport(asyncio.Transport):
         self._close_task: asyncio.Task[None] | None = None
         self._drain_waiters: list[asyncio.Future[None]] = []  # see _writable()
         self._sending_file = False
+        self._failure: BaseException | None = None  # what ended the connection
         self._read_buffer = bytearray()
         self._extra: dict[str, Any] = {}
         tls.settimeout(0.0)
@@ -368,7 +369,7 @@ class TLSTransport(asyncio.Transport):
     async def _writable(self) -> None:
         """Until the socket has room (and what is buffered went out)."""
         if self._closed:
-            raise ConnectionResetError("the connection is closed")
+            raise self._gone()
         waiter = self._loop.create_future()
         self._drain_waiters.append(waiter)
         self._arm_writer()
@@ -447,6 +448,13 @@ class TLSTransport(asyncio.Transport):
                         "protocol": self._protocol,
                     }
                 )
+
+    def key_update(self, request_peer: bool = True) -> None:
+        """Start a TLS 1.3 KeyUpdate (see :meth:`TLSSocket.key_update`): our new keys
+        apply from the next record; buffered data goes out under them."""
+        self._tls.key_update(request_peer)
+        if not self._tls._flush_nowait():
+            self._arm_writer()
 
     # -- files ---------------------------------------------------------------------------
 
@@ -595,9 +603,10 @@ class TLSTransport(asyncio.Transport):
         self._disarm_writer()
         self._out.clear()
         self._out_size = 0
+        self._failure = exc
         for waiter in self._drain_waiters:
             if not waiter.done():
-                waiter.set_exception(ConnectionResetError("the connection is closed"))
+                waiter.set_exception(self._gone())
         self._drain_waiters.clear()
         if self._close_task is not None and self._close_task is not asyncio.current_task():
             self._close_task.cancel()
@@ -605,6 +614,12 @@ class TLSTransport(asyncio.Transport):
         if self._server is not None:
             self._server._detach(self)
         self._loop.call_soon(self._connection_lost, exc)
+
+    def _gone(self) -> Exception:
+        """What a wait on a connection that ended raises: why it ended, if it failed."""
+        if isinstance(self._failure, Exception):
+            return self._failure
+        return ConnectionResetError("the connection is closed")
 
     def _connection_lost(self, exc: BaseException | None) -> None:
         if exc is not None and not isinstance(exc, Exception):

@@ -926,7 +926,7 @@ def _read_failure(exc: OSError) -> KTLSError:
         # close_notify.
         error: KTLSError = TruncatedStream()
     else:
-        error = BrokenError(f"connection failed while reading: {exc}")
+        error = BrokenError(f"connection failed while reading: {_reason(exc)}")
     error.__cause__ = exc
     return error
 
@@ -935,12 +935,16 @@ def _send_failure(exc: BaseException) -> KTLSError:
     """The one place that says what a failed send means."""
     if isinstance(exc, KTLSError):
         return exc
+    error = BrokenError(f"connection failed while sending: {_reason(exc)}")
+    error.__cause__ = exc
+    return error
+
+
+def _reason(exc: BaseException) -> str:
     reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
     if isinstance(exc, OSError) and exc.errno in (errno.EPIPE, errno.ECONNRESET):
         reason = f"the peer is gone ({reason})"
-    error = BrokenError(f"connection failed while sending: {reason}")
-    error.__cause__ = exc
-    return error
+    return reason
 
 
 class _RawTLS(io.RawIOBase):
