@@ -27,7 +27,7 @@ import socket
 import time
 import warnings
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from OpenSSL import SSL
 
@@ -54,7 +54,6 @@ log = logging.getLogger("ktls.asyncio")
 _READS_PER_TURN = 16
 _READ_SIZE = 1 << 18  # what a plain Protocol's reads take at most (one kernel merge)
 _JOIN_LIMIT = 1 << 18  # small buffered writes are joined into one send up to this
-_HIGH_WATER = 1 << 16  # asyncio's defaults
 _FILE_CHUNK = 1 << 20  # bytes per sendfile call: the loop gets a turn between chunks
 
 
@@ -104,7 +103,7 @@ async def handshake(tls: TLSSocket, timeout: float | None = None) -> None:
         raise
 
 
-class TLSTransport(asyncio.Transport):
+class TLSTransport(asyncio.transports._FlowControlMixin):
     """An ``asyncio.Transport`` over an established :class:`TLSSocket`.
 
     Honours the whole Transport interface (flow control both ways, ``write_eof`` as
@@ -114,9 +113,16 @@ class TLSTransport(asyncio.Transport):
     ktls's exceptions.
     """
 
-    # asyncio's loop.sendfile() reads and writes through us; ktls.asyncio.sendfile()
-    # goes through os.sendfile on the kernel engine.
+    # asyncio's loop.sendfile() reads and writes through us (its fallback wants this
+    # class's base, asyncio's own flow-control mixin, which also gives the write buffer
+    # limits); ktls.asyncio.sendfile() goes through os.sendfile on the kernel engine.
     _sendfile_compatible = asyncio.constants._SendfileMode.FALLBACK
+    _loop: asyncio.AbstractEventLoop  # (set by the base class)
+
+    if TYPE_CHECKING:  # the base class's own, missing from typeshed's stub
+
+        def _maybe_pause_protocol(self) -> None: ...
+        def _maybe_resume_protocol(self) -> None: ...
 
     def __init__(
         self,
@@ -126,8 +132,7 @@ class TLSTransport(asyncio.Transport):
         context: ClientContext | ServerContext,
         server: TLSServer | None = None,
     ) -> None:
-        super().__init__()
-        self._loop = loop
+        super().__init__(loop=loop)  # write buffer limits: asyncio's defaults
         self._tls = tls
         self._fd = tls.fileno()
         self._protocol = protocol
@@ -135,9 +140,6 @@ class TLSTransport(asyncio.Transport):
         self._server = server
         self._out: collections.deque[memoryview] = collections.deque()
         self._out_size = 0
-        self._high_water = _HIGH_WATER
-        self._low_water = _HIGH_WATER // 4
-        self._protocol_paused = False  # we told the protocol to stop writing
         self._reading = False
         self._reading_paused = False
         self._writer_armed = False
@@ -406,49 +408,6 @@ class TLSTransport(asyncio.Transport):
     def get_write_buffer_size(self) -> int:
         return self._out_size
 
-    def get_write_buffer_limits(self) -> tuple[int, int]:
-        return self._low_water, self._high_water
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        if high is None:
-            high = _HIGH_WATER if low is None else 4 * low
-        if low is None:
-            low = high // 4
-        if not high >= low >= 0:
-            raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
-        self._high_water, self._low_water = high, low
-        self._maybe_pause_protocol()
-
-    def _maybe_pause_protocol(self) -> None:
-        if self._out_size > self._high_water and not self._protocol_paused:
-            self._protocol_paused = True
-            try:
-                self._protocol.pause_writing()
-            except Exception as exc:
-                self._loop.call_exception_handler(
-                    {
-                        "message": "protocol.pause_writing() failed",
-                        "exception": exc,
-                        "transport": self,
-                        "protocol": self._protocol,
-                    }
-                )
-
-    def _maybe_resume_protocol(self) -> None:
-        if self._protocol_paused and self._out_size <= self._low_water:
-            self._protocol_paused = False
-            try:
-                self._protocol.resume_writing()
-            except Exception as exc:
-                self._loop.call_exception_handler(
-                    {
-                        "message": "protocol.resume_writing() failed",
-                        "exception": exc,
-                        "transport": self,
-                        "protocol": self._protocol,
-                    }
-                )
-
     def key_update(self, request_peer: bool = True) -> None:
         """Start a TLS 1.3 KeyUpdate (see :meth:`TLSSocket.key_update`): our new keys
         apply from the next record; buffered data goes out under them."""
@@ -546,6 +505,7 @@ class TLSTransport(asyncio.Transport):
         except (OSError, KTLSError):
             pass  # the peer is gone: nothing left to tell it
         finally:
+            self._close_task = None  # ending now: nothing to cancel
             self._finish(None)
 
     async def _linger(self, deadline: float) -> None:
@@ -608,12 +568,13 @@ class TLSTransport(asyncio.Transport):
             if not waiter.done():
                 waiter.set_exception(self._gone())
         self._drain_waiters.clear()
-        if self._close_task is not None and self._close_task is not asyncio.current_task():
+        if self._close_task is not None and not self._loop.is_closed():
             self._close_task.cancel()
         self._tls._abort()
         if self._server is not None:
             self._server._detach(self)
-        self._loop.call_soon(self._connection_lost, exc)
+        if not self._loop.is_closed():  # (else a task of a finished loop is being collected)
+            self._loop.call_soon(self._connection_lost, exc)
 
     def _gone(self) -> Exception:
         """What a wait on a connection that ended raises: why it ended, if it failed."""
@@ -733,10 +694,14 @@ async def start_tls(
     handshake_timeout: float | None = None,
 ) -> TLSTransport:
     """STARTTLS: upgrade a connected plain TCP transport (or socket) to TLS, like
-    ``loop.start_tls``.  The plain transport is taken apart (its socket moves to the
-    new transport: nothing may have been read past the point of the upgrade) and
-    ``protocol`` receives the decrypted stream.  Which side is TLS client or server
-    follows ``context``."""
+    ``loop.start_tls``; ``protocol`` receives the decrypted stream, and which side is
+    TLS client or server follows ``context``.
+
+    The plain transport is taken apart: its socket moves to the new transport, so
+    nothing may have been read past the point of the upgrade.  A server must call
+    ``transport.pause_reading()`` *before* it writes its go-ahead ("220 Ready to start
+    TLS"): else the loop may read the client's ClientHello into the plain protocol.
+    (A client has nothing to fear: the server speaks TLS only after our ClientHello.)"""
     if isinstance(transport_or_sock, socket.socket):
         sock = transport_or_sock
     else:
@@ -755,11 +720,13 @@ def _detach_plain(transport: asyncio.BaseTransport) -> socket.socket:
     raw = transport.get_extra_info("socket")
     if raw is None:
         raise TypeError(f"{transport!r} has no socket to upgrade")
-    if not isinstance(transport, asyncio.Transport):
+    # Duck-typed: uvloop's transports are not asyncio.Transport subclasses.
+    pause_reading = getattr(transport, "pause_reading", None)
+    if pause_reading is None or not hasattr(transport, "abort"):
         raise TypeError(f"{transport!r} is not a stream transport")
-    transport.pause_reading()
+    pause_reading()
     sock = socket.socket(raw.family, raw.type, raw.proto, fileno=os.dup(raw.fileno()))
-    transport.abort()  # closes the original fd; ours goes on
+    transport.abort()  # closes its fd; ours goes on
     return sock
 
 
