@@ -20,6 +20,7 @@ import asyncio
 import asyncio.constants
 import collections
 import contextlib
+import functools
 import io
 import logging
 import os
@@ -817,7 +818,12 @@ class TLSServer:
                 raise
             task = self._loop.create_task(self._handshake(sock))
             self._handshakes.add(task)
-            task.add_done_callback(self._handshakes.discard)
+            task.add_done_callback(functools.partial(self._handshake_done, sock))
+
+    def _handshake_done(self, sock: socket.socket, task: asyncio.Task[None]) -> None:
+        self._handshakes.discard(task)
+        if task.cancelled():  # maybe before it ran at all: the socket is still ours
+            sock.close()
 
     async def _handshake(self, sock: socket.socket) -> None:
         try:
