@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import uvicorn
 import uvloop
+from aiohttp import web
 
 import ktls
 import ktls.asyncio as kasyncio
@@ -33,11 +35,13 @@ LOOPS = ["asyncio", "uvloop"]
 
 @pytest.fixture(params=LOOPS)
 def run(request: pytest.FixtureRequest) -> Callable[[Awaitable[Any]], Any]:
-    """Runs a coroutine to the end on the loop under test."""
-    new_loop = uvloop.new_event_loop if request.param == "uvloop" else asyncio.new_event_loop
+    """Runs a coroutine to the end on the loop under test: ktls's loops, which are the
+    default loop and uvloop's taking ktls contexts as ``ssl=``."""
+    on_uvloop = request.param == "uvloop"
 
     def run(coro: Awaitable[Any]) -> Any:
-        loop = new_loop()
+        loop = kasyncio.new_event_loop(uvloop=on_uvloop)
+        assert isinstance(loop, uvloop.Loop) is on_uvloop
         try:
             return loop.run_until_complete(asyncio.wait_for(coro, 120))
         finally:
@@ -661,3 +665,80 @@ def test_cancelled_drain_and_sendfile_are_clean(
     before = _open_fds()
     run(main())
     assert _open_fds() <= before
+
+
+# -- frameworks, unchanged -------------------------------------------------------------------
+
+
+async def _curl(ca: Path, port: int, path: str = "/") -> bytes:
+    curl = await asyncio.create_subprocess_exec(
+        "curl", "-sS", "--cacert", str(ca), "--resolve", f"localhost:{port}:127.0.0.1",
+        f"https://localhost:{port}{path}", stdout=subprocess.PIPE,
+    )  # fmt: skip
+    out, _ = await curl.communicate()
+    assert curl.returncode == 0
+    return out
+
+
+def test_aiohttp_app_on_ktls(certs: Certs, engine: str, run: Any) -> None:
+    """An aiohttp web app whose TCPSite gets a ktls context as ssl_context, fetched by
+    curl: aiohttp calls loop.create_server(ssl=...) and the loop routes it to ktls."""
+
+    async def hello(request: web.Request) -> web.Response:
+        transport = request.transport
+        assert transport is not None
+        engines = f"{transport.get_extra_info('tx_engine')}/{transport.get_extra_info('rx_engine')}"
+        return web.Response(text=f"{request.scheme} {engines}")
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_get("/", hello)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=_server_ctx(certs, engine))  # type: ignore[arg-type]
+        await site.start()
+        try:
+            server: Any = site._server  # what the loop's create_server returned
+            assert isinstance(server, kasyncio.TLSServer)
+            port = server.sockets[0].getsockname()[1]
+            assert await _curl(certs.ca, port) == f"https {engine}/{engine}".encode()
+        finally:
+            await runner.cleanup()
+
+    run(main())
+
+
+def test_uvicorn_app_on_ktls(certs: Certs, engine: str, run: Any) -> None:
+    """A uvicorn ASGI app: its Config's ssl set to a ktls context after load() (the
+    recipe in the README), fetched by curl."""
+    engines: list[str] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        for protocol in server.server_state.connections:
+            transport = protocol.transport
+            engines.append(f"{transport.get_extra_info('tx_engine')}")
+        body = f"asgi over {scope['scheme']}".encode()
+        headers = [(b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=0, loop="none", lifespan="off", log_level="warning"
+    )
+    config.load()
+    config.ssl = _server_ctx(certs, engine)  # type: ignore[assignment]
+    server = uvicorn.Server(config)
+
+    async def main() -> None:
+        task = asyncio.ensure_future(server.serve())
+        while not server.started:
+            await asyncio.sleep(0.02)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        assert await _curl(certs.ca, port) == b"asgi over https"
+        server.should_exit = True
+        await task
+
+    run(main())
+    assert engines == [engine]

@@ -37,11 +37,15 @@ from .errors import ConfigError, HandshakeError, KTLSError
 from .tlssocket import TLSSocket
 
 __all__ = [
+    "KTLSEventLoop",
+    "KTLSEventLoopPolicy",
     "TLSServer",
     "TLSTransport",
     "create_connection",
     "create_server",
     "handshake",
+    "install",
+    "new_event_loop",
     "open_connection",
     "sendfile",
     "start_server",
@@ -978,3 +982,122 @@ async def sendfile(
     if not isinstance(transport, TLSTransport):
         raise TypeError(f"not a ktls transport: {transport!r}")
     return await transport.sendfile(file, offset, count)
+
+
+# -- frameworks unchanged: loops that take ktls contexts as ssl= -----------------------------
+
+
+class _Routes:
+    """Event loop methods that send a ktls context given as ``ssl=`` to ktls, and
+    everything else to the loop they extend.  A framework that hands its ``ssl``
+    object to ``loop.create_server``/``create_connection`` (aiohttp, uvicorn, ...)
+    then runs on kernel TLS without a change."""
+
+    async def create_server(self, protocol_factory: ProtocolFactory, *args: Any, **kw: Any) -> Any:
+        context = kw.get("ssl")
+        if not isinstance(context, ServerContext):
+            return await super().create_server(protocol_factory, *args, **kw)  # type: ignore[misc]
+        host, port = _host_port(args, kw)
+        return await create_server(
+            protocol_factory,
+            host,
+            port or 0,
+            context=context,
+            sock=kw.get("sock"),
+            backlog=kw.get("backlog", 100),
+            reuse_port=bool(kw.get("reuse_port")),
+            handshake_timeout=kw.get("ssl_handshake_timeout"),
+            start_serving=kw.get("start_serving", True),
+        )
+
+    async def create_connection(
+        self, protocol_factory: ProtocolFactory, *args: Any, **kw: Any
+    ) -> Any:
+        context = kw.get("ssl")
+        if not isinstance(context, ClientContext):
+            return await super().create_connection(protocol_factory, *args, **kw)  # type: ignore[misc]
+        host, port = _host_port(args, kw)
+        return await create_connection(
+            protocol_factory,
+            host,
+            port,
+            context=context,
+            server_hostname=kw.get("server_hostname"),
+            sock=kw.get("sock"),
+            local_addr=kw.get("local_addr"),
+            handshake_timeout=kw.get("ssl_handshake_timeout"),
+        )
+
+    async def start_tls(
+        self, transport: asyncio.BaseTransport, protocol: asyncio.BaseProtocol, sslcontext: Any,
+        **kw: Any,
+    ) -> Any:  # fmt: skip
+        if not isinstance(sslcontext, (ClientContext, ServerContext)):
+            return await super().start_tls(transport, protocol, sslcontext, **kw)  # type: ignore[misc]
+        return await start_tls(
+            transport,
+            protocol,
+            sslcontext,
+            server_hostname=kw.get("server_hostname"),
+            handshake_timeout=kw.get("ssl_handshake_timeout"),
+        )
+
+    async def sendfile(
+        self, transport: asyncio.BaseTransport, file: BinaryIO, *args: Any, **kw: Any
+    ) -> Any:
+        if not isinstance(transport, TLSTransport):
+            return await super().sendfile(transport, file, *args, **kw)  # type: ignore[misc]
+        offset = args[0] if args else kw.get("offset", 0)
+        count = args[1] if len(args) > 1 else kw.get("count")
+        return await transport.sendfile(file, offset, count)
+
+
+def _host_port(args: tuple[Any, ...], kw: dict[str, Any]) -> tuple[Any, Any]:
+    host = args[0] if args else kw.get("host")
+    port = args[1] if len(args) > 1 else kw.get("port")
+    return host, port
+
+
+class KTLSEventLoop(_Routes, asyncio.SelectorEventLoop):  # type: ignore[misc]
+    """asyncio's default (selector) loop, taking ktls contexts as ``ssl=``."""
+
+
+class KTLSEventLoopPolicy(asyncio.DefaultEventLoopPolicy):
+    """The default policy, making :class:`KTLSEventLoop` loops."""
+
+    def new_event_loop(self) -> asyncio.AbstractEventLoop:
+        return KTLSEventLoop()
+
+
+def new_event_loop(*, uvloop: bool = False) -> asyncio.AbstractEventLoop:
+    """A loop that takes ktls contexts as ``ssl=``: the default kind, or with
+    ``uvloop=True`` uvloop's (the optional ``uvloop`` extra).  A loop factory for
+    ``asyncio.Runner(loop_factory=...)`` (``asyncio.run`` in 3.12+)."""
+    if uvloop:
+        return _uvloop_class()()
+    return KTLSEventLoop()
+
+
+@functools.cache
+def _uvloop_class() -> type[asyncio.AbstractEventLoop]:
+    import uvloop  # noqa: PLC0415 -- optional: only when asked for
+
+    class KTLSUVLoop(_Routes, uvloop.Loop):  # type: ignore[misc]
+        """uvloop's loop, taking ktls contexts as ``ssl=``."""
+
+    return KTLSUVLoop
+
+
+def install(*, uvloop: bool = False) -> None:
+    """Make every new event loop (``asyncio.run``, frameworks' runners) one that takes
+    ktls contexts as ``ssl=``."""
+    if uvloop:
+        factory = _uvloop_class()
+
+        class Policy(asyncio.DefaultEventLoopPolicy):
+            def new_event_loop(self) -> asyncio.AbstractEventLoop:
+                return factory()
+
+        asyncio.set_event_loop_policy(Policy())
+    else:
+        asyncio.set_event_loop_policy(KTLSEventLoopPolicy())
