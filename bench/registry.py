@@ -14,6 +14,7 @@ from bench.model import Path, Row, Suite
 
 SUITES = {
     "core": "bench.core",
+    "asyncio": "bench.aio",
 }
 
 
