@@ -740,3 +740,21 @@ def test_uvicorn_app_on_ktls(certs: Certs, engine: str, run: Any) -> None:
 
     run(main())
     assert engines == [engine]
+
+
+def test_install_makes_new_loops_take_ktls_contexts() -> None:
+    """install() (default loop or uvloop): asyncio.run's loop routes ktls contexts."""
+
+    async def loop_class() -> type:
+        return type(asyncio.get_running_loop())
+
+    saved = asyncio.get_event_loop_policy()
+    try:
+        kasyncio.install()
+        assert issubclass(asyncio.run(loop_class()), kasyncio.KTLSEventLoop)
+        kasyncio.install(uvloop=True)
+        made = asyncio.run(loop_class())
+        assert issubclass(made, uvloop.Loop)
+        assert issubclass(made, kasyncio._Routes)  # the methods that route ssl=
+    finally:
+        asyncio.set_event_loop_policy(saved)
