@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import uvicorn
 import uvloop
@@ -704,6 +705,57 @@ def test_aiohttp_app_on_ktls(certs: Certs, engine: str, run: Any) -> None:
             await runner.cleanup()
 
     run(main())
+
+
+class KTLSConnector(aiohttp.TCPConnector):
+    """The README's recipe for aiohttp's client: its ``ssl=`` takes only an
+    ssl.SSLContext, so the connector hands the loop a ktls context itself."""
+
+    def __init__(self, context: ktls.ClientContext, **kw: Any) -> None:
+        super().__init__(**kw)
+        self._ktls_context = context
+
+    def _get_ssl_context(self, req: Any) -> Any:
+        return self._ktls_context if req.is_ssl() else None
+
+
+def test_aiohttp_client_on_ktls(certs: Certs, engine: str, run: Any) -> None:
+    """An aiohttp client request to a Python-ssl HTTPS server, on ktls's loop."""
+    body = os.urandom(200_000)
+
+    def serve_once(listener: socket.socket) -> None:
+        raw, _ = listener.accept()
+        ctx = python_ssl_context(certs, server=True)
+        with ctx.wrap_socket(raw, server_side=True) as conn:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += conn.recv(4096)
+            head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+            conn.sendall(head % len(body) + body)
+            conn.unwrap()
+
+    engines: list[str] = []
+
+    class Recording(KTLSConnector):  # (the test's own: which engine carried it)
+        async def _wrap_create_connection(self, *args: Any, **kw: Any) -> Any:
+            transport, protocol = await super()._wrap_create_connection(*args, **kw)
+            engines.append(transport.get_extra_info("rx_engine"))
+            return transport, protocol
+
+    async def main(port: int) -> bytes:
+        connector = Recording(_client_ctx(certs, engine))
+        async with (
+            aiohttp.ClientSession(connector=connector) as session,
+            session.get(f"https://localhost:{port}/") as response,
+        ):
+            return await response.read()
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        thread = threading.Thread(target=serve_once, args=(listener,))
+        thread.start()
+        received = run(main(listener.getsockname()[1]))
+        thread.join(30)
+    assert (received, engines) == (body, [engine])
 
 
 def test_uvicorn_app_on_ktls(certs: Certs, engine: str, run: Any) -> None:
