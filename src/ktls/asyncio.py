@@ -20,6 +20,7 @@ import asyncio
 import asyncio.constants
 import collections
 import contextlib
+import errno
 import functools
 import io
 import logging
@@ -60,6 +61,7 @@ _READS_PER_TURN = 16
 _READ_SIZE = 1 << 18  # what a plain Protocol's reads take at most (one kernel merge)
 _JOIN_LIMIT = 1 << 18  # small buffered writes are joined into one send up to this
 _FILE_CHUNK = 1 << 20  # bytes per sendfile call: the loop gets a turn between chunks
+_ACCEPTS_PER_TURN = 100  # connections taken per readiness of a listening socket
 
 
 async def _ready(loop: asyncio.AbstractEventLoop, fd: int, writing: bool) -> None:
@@ -778,7 +780,6 @@ class TLSServer:
         self._factory = protocol_factory
         self._context = context
         self._handshake_timeout = handshake_timeout
-        self._accepting: list[asyncio.Task[None]] = []
         self._handshakes: set[asyncio.Task[None]] = set()
         self._transports: set[TLSTransport] = set()
         self._serving = False
@@ -798,8 +799,8 @@ class TLSServer:
         if self._serving or self._closed.is_set():
             return
         self._serving = True
-        for sock in self._sockets:
-            self._accepting.append(self._loop.create_task(self._accept(sock)))
+        for listener in self._sockets:
+            self._loop.add_reader(listener.fileno(), self._accept, listener)
 
     async def serve_forever(self) -> None:
         await self.start_serving()
@@ -808,21 +809,31 @@ class TLSServer:
         finally:
             self.close()
 
-    async def _accept(self, listener: socket.socket) -> None:
-        while True:
+    def _accept(self, listener: socket.socket) -> None:
+        # Accepted here, in the readiness callback, not in a task awaiting sock_accept:
+        # a task cancelled just after the accept would drop the new socket unclosed.
+        for _ in range(_ACCEPTS_PER_TURN):
             try:
-                sock, _address = await self._loop.sock_accept(listener)
-            except (ConnectionAbortedError, ConnectionResetError):
-                continue  # the client gave up before we took it
+                sock, _address = listener.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return  # nothing more now, or the client gave up before we took it
             except OSError as exc:
-                if exc.errno in (24, 23, 105, 12):  # EMFILE ENFILE ENOBUFS ENOMEM
-                    log.warning("accept failed (%s): pausing 0.1 s", exc)
-                    await asyncio.sleep(0.1)
-                    continue
-                raise
+                if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    raise
+                # Out of descriptors or memory: stop accepting for a moment (the pending
+                # clients wait in the backlog) rather than spin on a readable listener.
+                log.warning("accept failed (%s): pausing 0.1 s", exc)
+                self._loop.remove_reader(listener.fileno())
+                self._loop.call_later(0.1, self._resume_accepting, listener)
+                return
+            sock.setblocking(False)
             task = self._loop.create_task(self._handshake(sock))
             self._handshakes.add(task)
             task.add_done_callback(functools.partial(self._handshake_done, sock))
+
+    def _resume_accepting(self, listener: socket.socket) -> None:
+        if self._serving:
+            self._loop.add_reader(listener.fileno(), self._accept, listener)
 
     def _handshake_done(self, sock: socket.socket, task: asyncio.Task[None]) -> None:
         self._handshakes.discard(task)
@@ -852,13 +863,14 @@ class TLSServer:
         """Stop listening (established connections go on, as with asyncio.Server)."""
         if self._closed.is_set():
             return
+        if self._serving:
+            for listener in self._sockets:
+                self._loop.remove_reader(listener.fileno())
         self._serving = False
-        for task in self._accepting:
-            task.cancel()
         for task in self._handshakes:
             task.cancel()
-        for sock in self._sockets:
-            sock.close()
+        for listener in self._sockets:
+            listener.close()
         self._closed.set()
 
     def close_clients(self) -> None:
@@ -872,7 +884,7 @@ class TLSServer:
     async def wait_closed(self) -> None:
         """Until the server is closed and its accept and handshake tasks are done."""
         await self._closed.wait()
-        pending = [*self._accepting, *self._handshakes]
+        pending = list(self._handshakes)
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
 
