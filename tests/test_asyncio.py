@@ -314,15 +314,15 @@ def test_curl_and_python_ssl_fetch_from_an_asyncio_server(
     body = os.urandom(1 << 20)
 
     async def http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        assert writer.get_extra_info("tx_engine") == engine
-        writer.write(
-            b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
-        )
-        writer.write(body)
-        await writer.drain()
-        writer.close()
-        await writer.wait_closed()
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            assert writer.get_extra_info("tx_engine") == engine
+            head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+            writer.write(head % len(body))
+            writer.write(body)
+            await writer.drain()
+        finally:
+            writer.close()
 
     def python_get(port: int) -> bytes:
         ctx = python_ssl_context(certs, server=False)
@@ -472,10 +472,12 @@ def test_sendfile_and_loop_sendfile(certs: Certs, engine: str, run: Any, tmp_pat
 
     async def hash_all(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         digest = hashlib.sha256()
-        while chunk := await reader.read(1 << 16):
-            digest.update(chunk)
-        digests.append(digest.hexdigest())
-        writer.close()
+        try:
+            while chunk := await reader.read(1 << 16):
+                digest.update(chunk)
+            digests.append(digest.hexdigest())
+        finally:
+            writer.close()
 
     async def main() -> None:
         server = await kasyncio.start_server(
@@ -525,9 +527,11 @@ def test_asyncio_sendfile_is_sendfile_on_the_kernel(certs: Certs, run: Any, tmp_
         raise AssertionError(name)
 
     async def drain(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while await reader.read(1 << 16):
-            pass
-        writer.close()
+        try:
+            while await reader.read(1 << 16):
+                pass
+        finally:  # (also when the test's end cancels this task)
+            writer.close()
 
     async def main() -> tuple[int, int]:
         server = await kasyncio.start_server(
@@ -629,8 +633,10 @@ def test_cancelled_drain_and_sendfile_are_clean(
     path.write_bytes(os.urandom(32 * 1024 * 1024))
 
     async def stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await asyncio.sleep(3)  # reads nothing
-        writer.close()
+        try:
+            await asyncio.sleep(3)  # reads nothing
+        finally:
+            writer.close()
 
     async def main() -> None:
         server = await kasyncio.start_server(
