@@ -166,26 +166,18 @@ PINGPONG: dict[str, tuple[str, AioKind]] = {
 
 
 def _paths() -> tuple[Path, ...]:
+    # The blocking API's kernel engine, as the core suite measures it (two threads).
     paths = [
-        # The blocking API's kernel engine, as the core suite measures it (two threads).
         Path(
-            name="blocking/kernel-sendall",
-            label="blocking TLSSocket kernel sendall (threads)",
+            name=f"blocking/kernel-{method}",
+            label=f"blocking TLSSocket kernel {method} (threads)",
             unit="MB/s",
             measure=functools.partial(
-                core_bulk.measure, Bulk("ktls-kernel", "sendall", "client"), False
+                core_bulk.measure, Bulk("ktls-kernel", method, "client"), False
             ),
             needs_kernel=True,
-        ),
-        Path(
-            name="blocking/kernel-sendfile",
-            label="blocking TLSSocket kernel sendfile (threads)",
-            unit="MB/s",
-            measure=functools.partial(
-                core_bulk.measure, Bulk("ktls-kernel", "sendfile", "client"), False
-            ),
-            needs_kernel=True,
-        ),
+        )
+        for method in ("sendall", "sendfile")
     ]
     for loop_name in LOOPS:
         for name, (label, kind, method) in BULK.items():

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from OpenSSL import SSL
 
 from .context import ClientContext, ServerContext
+from .core import Connection
 from .errors import ConfigError, HandshakeError, KTLSError
 from .tlssocket import TLSSocket
 
@@ -160,7 +161,6 @@ class TLSTransport(asyncio.transports._FlowControlMixin):
         self._sending_file = False
         self._failure: BaseException | None = None  # what ended the connection
         self._read_buffer = bytearray()
-        self._extra: dict[str, Any] = {}
         tls.settimeout(0.0)
         if server is not None:
             server._attach(self)
@@ -197,7 +197,7 @@ class TLSTransport(asyncio.transports._FlowControlMixin):
         }
         getter = getters.get(name)
         if getter is None:
-            return self._extra.get(name, default)
+            return super().get_extra_info(name, default)
         try:
             return getter()
         except (OSError, ValueError):  # closed socket, or nothing negotiated
@@ -276,9 +276,14 @@ class TLSTransport(asyncio.transports._FlowControlMixin):
         if not self._tls._flush_nowait():
             self._arm_writer()
 
+    def _stop_reading(self) -> None:
+        if self._reading:
+            self._reading = False
+            if not self._reading_paused:
+                self._loop.remove_reader(self._fd)
+
     def _eof_received(self) -> None:
-        self._reading = False
-        self._loop.remove_reader(self._fd)
+        self._stop_reading()
         try:
             keep_open = self._protocol.eof_received()  # type: ignore[attr-defined]
         except BaseException as exc:
@@ -448,10 +453,9 @@ class TLSTransport(asyncio.transports._FlowControlMixin):
             count = max(0, size - offset)
         position, sent = offset, 0
         try:
-            while count is None or sent < count:
-                want = _FILE_CHUNK if count is None else min(_FILE_CHUNK, count - sent)
+            while sent < count:
                 try:
-                    chunk = self._tls.sendfile(file, position, want)
+                    chunk = self._tls.sendfile(file, position, min(_FILE_CHUNK, count - sent))
                 except BlockingIOError:
                     chunk = file.tell() - position  # what went out before EAGAIN
                     sent += chunk
@@ -491,9 +495,7 @@ class TLSTransport(asyncio.transports._FlowControlMixin):
         if self._closing:
             return
         self._closing = True
-        if self._reading:
-            self._reading = False
-            self._loop.remove_reader(self._fd)
+        self._stop_reading()
         if not self._out:
             self._close_task = self._loop.create_task(self._close())
         # else _write_ready starts it once the buffer is empty
@@ -508,38 +510,30 @@ class TLSTransport(asyncio.transports._FlowControlMixin):
                     await asyncio.wait_for(self._writable(), tls.close_timeout)
                 left = max(0.0, deadline - time.monotonic())
                 if tls._say_goodbye(core, left) and core.failure is None:
-                    await self._linger(deadline)
+                    await self._linger(core, deadline)
         except (OSError, KTLSError):
             pass  # the peer is gone: nothing left to tell it
         finally:
             self._close_task = None  # ending now: nothing to cancel
             self._finish(None)
 
-    async def _linger(self, deadline: float) -> None:
-        """TLSSocket._linger, waiting the loop's way."""
-        tls = self._tls
-        with contextlib.suppress(OSError):
-            tls.socket.shutdown(socket.SHUT_WR)
-        core = tls._core
-        assert core is not None
-        pause = 0.001
-        woken = False
-        while True:
-            taken = tls._taken_in
-            remaining = tls._linger_left(core, deadline)
-            if remaining is None:
-                return
-            if woken and tls._taken_in == taken:
-                await asyncio.sleep(min(pause, remaining))
-            else:
-                try:
-                    await asyncio.wait_for(
-                        _ready(self._loop, self._fd, False), min(pause, remaining)
-                    )
-                    woken = True
-                except asyncio.TimeoutError:
-                    woken = False
-            pause = min(pause * 2, 0.05)
+    async def _linger(self, core: Connection, deadline: float) -> None:
+        """After our close_notify, wait as ``TLSSocket._linger_waits`` says, the loop's
+        way."""
+        waits = self._tls._linger_waits(core, deadline)
+        with contextlib.suppress(StopIteration):
+            readable, seconds = next(waits)
+            while True:
+                if readable:
+                    try:
+                        await asyncio.wait_for(_ready(self._loop, self._fd, False), seconds)
+                        woken = True
+                    except asyncio.TimeoutError:
+                        woken = False
+                else:
+                    await asyncio.sleep(seconds)
+                    woken = True  # (a pause comes only after a wake-up)
+                readable, seconds = waits.send(woken)
 
     def abort(self) -> None:
         """Close now: buffered data is dropped, no close_notify."""
@@ -564,9 +558,7 @@ class TLSTransport(asyncio.transports._FlowControlMixin):
         if self._closed:
             return
         self._closed = True
-        if self._reading:
-            self._reading = False
-            self._loop.remove_reader(self._fd)
+        self._stop_reading()
         self._disarm_writer()
         self._out.clear()
         self._out_size = 0
@@ -882,7 +874,7 @@ class TLSServer:
             transport.abort()
 
     async def wait_closed(self) -> None:
-        """Until the server is closed and its accept and handshake tasks are done."""
+        """Until the server is closed and its handshake tasks are done."""
         await self._closed.wait()
         pending = list(self._handshakes)
         if pending:
@@ -1075,10 +1067,15 @@ class KTLSEventLoop(_Routes, asyncio.SelectorEventLoop):  # type: ignore[misc]
 
 
 class KTLSEventLoopPolicy(asyncio.DefaultEventLoopPolicy):
-    """The default policy, making :class:`KTLSEventLoop` loops."""
+    """The default policy, making loops that take ktls contexts as ``ssl=``
+    (:class:`KTLSEventLoop`, or uvloop's with ``uvloop=True``)."""
+
+    def __init__(self, *, uvloop: bool = False) -> None:
+        super().__init__()
+        self._uvloop = uvloop
 
     def new_event_loop(self) -> asyncio.AbstractEventLoop:
-        return KTLSEventLoop()
+        return new_event_loop(uvloop=self._uvloop)
 
 
 def new_event_loop(*, uvloop: bool = False) -> asyncio.AbstractEventLoop:
@@ -1103,13 +1100,4 @@ def _uvloop_class() -> type[asyncio.AbstractEventLoop]:
 def install(*, uvloop: bool = False) -> None:
     """Make every new event loop (``asyncio.run``, frameworks' runners) one that takes
     ktls contexts as ``ssl=``."""
-    if uvloop:
-        factory = _uvloop_class()
-
-        class Policy(asyncio.DefaultEventLoopPolicy):
-            def new_event_loop(self) -> asyncio.AbstractEventLoop:
-                return factory()
-
-        asyncio.set_event_loop_policy(Policy())
-    else:
-        asyncio.set_event_loop_policy(KTLSEventLoopPolicy())
+    asyncio.set_event_loop_policy(KTLSEventLoopPolicy(uvloop=uvloop))

@@ -364,13 +364,10 @@ class RecordReceiver:
     def next_record(self) -> tuple[ContentType, memoryview] | None:
         """The next record's (content type, plaintext), or None until more bytes come.
         Raises ProtocolViolation for anything that must not be accepted."""
-        start = self._start
-        if self._end - start < HEADER_LEN:
+        header = self._header()
+        if header is None:
             return None
-        header = parse_header_from(
-            self._buffer, start, max_length=self._max_length, versions=PROTECTED_VERSIONS
-        )
-        body_at = start + HEADER_LEN
+        body_at = self._start + HEADER_LEN
         end = body_at + header.length
         if end > self._end:
             return None

@@ -29,7 +29,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn, TypeVar
 
 from cryptography import x509
@@ -62,6 +62,8 @@ if TYPE_CHECKING:
 __all__ = ["TLSSocket"]
 
 _T = TypeVar("_T")
+# One wait while lingering: (until readable, else a plain pause; at most seconds).
+_Wait = tuple[bool, float]
 # What recv() reads into at most: a huge bufsize must not allocate that much.
 _RECV_ROOM = 1 << 18
 _NOTHING = memoryview(b"")
@@ -129,7 +131,8 @@ class TLSSocket:
             self._sock.setblocking(deadline is None)
             try:
                 while (writing := self._handshake_step(pending)) is not None:
-                    remaining = 0.0 if deadline is None else deadline - time.monotonic()
+                    assert deadline is not None  # a blocking socket runs it to the end
+                    remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         self._handshake_failed(
                             HandshakeError(
@@ -786,8 +789,24 @@ class TLSSocket:
         self._sock.close()
 
     def _linger(self, core: Connection, deadline: float) -> None:
+        """After our close_notify, wait as :meth:`_linger_waits` says, blocking."""
+        waits = self._linger_waits(core, deadline)
+        with contextlib.suppress(StopIteration):
+            readable, seconds = next(waits)
+            while True:
+                if readable:
+                    woken = sockio.wait_fd(self._sock.fileno(), False, seconds)
+                else:
+                    time.sleep(seconds)
+                    woken = True  # (a pause comes only after a wake-up)
+                readable, seconds = waits.send(woken)
+
+    def _linger_waits(self, core: Connection, deadline: float) -> Generator[_Wait, bool, None]:
         """After our close_notify: FIN, then until the peer's kernel has acknowledged
-        every byte we sent, take in (without waiting) whatever the peer sends.
+        every byte we sent, take in (without waiting) whatever the peer sends.  The
+        waits in between are yielded, for each I/O style to do its own way: (True,
+        seconds) is "until readable, at most seconds", and the caller sends back
+        whether readability woke it; (False, seconds) is a plain pause.
 
         Closing a socket while the peer's data arrives (a TLS 1.3 server's tickets come
         after the client's handshake is over, maybe only now) or sits unread makes the
@@ -800,33 +819,23 @@ class TLSSocket:
         woken = False  # the last wait ended because the socket became readable
         while True:
             taken = self._taken_in
-            remaining = self._linger_left(core, deadline)
-            if remaining is None:
+            self._take_in_quietly(core)
+            try:
+                in_flight = sockio.unacknowledged(self._sock)
+                if in_flight and sockio.tcp_state(self._sock) == sockio.TCP_CLOSE:
+                    return  # reset: what is in flight will never be acknowledged
+            except OSError:
+                return  # not TCP (TLS over a Unix socket pair): nothing to wait for
+            remaining = deadline - time.monotonic()
+            if not in_flight or remaining <= 0:
                 return
             # The acknowledgement mostly rides on what the peer sends next (its tickets,
             # close_notify, FIN, or a reset), so wake when that arrives, not a pause
             # later.  Readable with nothing to take in (the peer's FIN, data beyond
             # _DRAIN_LIMIT) would wake at once forever: then just pause.
-            if woken and self._taken_in == taken:
-                time.sleep(min(pause, remaining))
-            else:
-                woken = sockio.wait_fd(self._sock.fileno(), False, min(pause, remaining))
+            readable = not (woken and self._taken_in == taken)
+            woken = yield readable, min(pause, remaining)
             pause = min(pause * 2, 0.05)
-
-    def _linger_left(self, core: Connection, deadline: float) -> float | None:
-        """One look while lingering: take in what came, then None when there is
-        nothing left to wait for, else the seconds left until ``deadline``."""
-        self._take_in_quietly(core)
-        try:
-            in_flight = sockio.unacknowledged(self._sock)
-            if in_flight and sockio.tcp_state(self._sock) == sockio.TCP_CLOSE:
-                return None  # reset: what is in flight will never be acknowledged
-        except OSError:
-            return None  # not TCP (TLS over a Unix socket pair): nothing to wait for
-        remaining = deadline - time.monotonic()
-        if not in_flight or remaining <= 0:
-            return None
-        return remaining
 
     def _take_in_quietly(self, core: Connection) -> None:
         """Read, without waiting, what the peer already sent: tickets and close_notify
