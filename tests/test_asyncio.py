@@ -71,6 +71,28 @@ def _client_ctx(certs: Certs, engine: str, **kw: Any) -> ktls.ClientContext:
     return ktls.ClientContext(cafile=certs.ca, offload=engine, **kw)  # type: ignore[arg-type]
 
 
+async def _curl(ca: Path, port: int, path: str = "/") -> bytes:
+    """``curl`` fetches https://localhost:port/path, trusting ``ca``.
+
+    Started by Python's subprocess in a thread, never by the loop: uvloop's own process
+    spawning (libuv) corrupted the child's memory inside UML 7.2 (garbled argv, "Bad
+    page map", kernel panics), where Python's subprocess works."""
+    argv = ["curl", "-sS", "--cacert", str(ca), "--resolve", f"localhost:{port}:127.0.0.1",
+            f"https://localhost:{port}{path}"]  # fmt: skip
+    done = await asyncio.to_thread(subprocess.run, argv, stdout=subprocess.PIPE, check=False)
+    assert done.returncode == 0
+    return done.stdout
+
+
+async def _connect(
+    certs: Certs, engine: str, port: int
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A ktls.asyncio client on ``engine`` to a local test server."""
+    return await kasyncio.open_connection(
+        "127.0.0.1", port, context=_client_ctx(certs, engine), server_hostname="localhost"
+    )
+
+
 def _open_fds() -> set[int]:
     return {int(name) for name in os.listdir("/proc/self/fd")}
 
@@ -101,9 +123,7 @@ def test_streams_echo_with_extra_info(certs: Certs, engine: str, run: Any) -> No
         )
         async with server:
             port = server.sockets[0].getsockname()[1]
-            reader, writer = await kasyncio.open_connection(
-                "127.0.0.1", port, context=_client_ctx(certs, engine), server_hostname="localhost"
-            )
+            reader, writer = await _connect(certs, engine, port)
             payload = os.urandom(300_000)
             writer.write(payload)
             await writer.drain()
@@ -342,13 +362,7 @@ def test_curl_and_python_ssl_fetch_from_an_asyncio_server(
         )
         async with server:
             port = server.sockets[0].getsockname()[1]
-            curl = await asyncio.create_subprocess_exec(
-                "curl", "-sS", "--cacert", str(certs.ca),
-                "--resolve", f"localhost:{port}:127.0.0.1", f"https://localhost:{port}/",
-                stdout=subprocess.PIPE,
-            )  # fmt: skip
-            out, _ = await curl.communicate()
-            assert curl.returncode == 0
+            out = await _curl(certs.ca, port)
             assert hashlib.sha256(out).digest() == hashlib.sha256(body).digest()
             reply = await asyncio.get_running_loop().run_in_executor(None, python_get, port)
             assert reply.endswith(b"\r\n\r\n" + body)
@@ -486,12 +500,7 @@ def test_sendfile_and_loop_sendfile(certs: Certs, engine: str, run: Any, tmp_pat
         async with server:
             port = server.sockets[0].getsockname()[1]
             for how in ("ktls", "loop"):
-                _, writer = await kasyncio.open_connection(
-                    "127.0.0.1",
-                    port,
-                    context=_client_ctx(certs, engine),
-                    server_hostname="localhost",
-                )
+                _, writer = await _connect(certs, engine, port)
                 with path.open("rb") as f:
                     if how == "ktls":
                         sent = await kasyncio.sendfile(writer, f)
@@ -539,9 +548,7 @@ def test_asyncio_sendfile_is_sendfile_on_the_kernel(certs: Certs, run: Any, tmp_
         )
         async with server:
             port = server.sockets[0].getsockname()[1]
-            _, writer = await kasyncio.open_connection(
-                "127.0.0.1", port, context=_client_ctx(certs, "kernel"), server_hostname="localhost"
-            )
+            _, writer = await _connect(certs, "kernel", port)
             with path.open("rb") as f:
                 written, reads = io_counter("wchar"), io_counter("syscr")
                 assert await kasyncio.sendfile(writer, f) == size
@@ -578,14 +585,7 @@ def test_handshake_timeout_and_cancellation_leave_nothing(
                 await kasyncio.open_connection(
                     "127.0.0.1", port, context=context, server_hostname="localhost"
                 )
-            task = asyncio.ensure_future(
-                kasyncio.open_connection(
-                    "127.0.0.1",
-                    port,
-                    context=_client_ctx(certs, engine),
-                    server_hostname="localhost",
-                )
-            )
+            task = asyncio.ensure_future(_connect(certs, engine, port))
             await asyncio.sleep(0.2)
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
@@ -608,9 +608,7 @@ def test_a_bad_client_costs_only_its_own_connection(certs: Certs, engine: str, r
             garbage_r, garbage_w = await asyncio.open_connection("127.0.0.1", port)
             garbage_w.write(b"GET / HTTP/1.0\r\n\r\n" * 10)
             _silent_r, silent_w = await asyncio.open_connection("127.0.0.1", port)
-            reader, writer = await kasyncio.open_connection(
-                "127.0.0.1", port, context=_client_ctx(certs, engine), server_hostname="localhost"
-            )
+            reader, writer = await _connect(certs, engine, port)
             writer.write(b"still served")
             assert await reader.readexactly(12) == b"still served"
             writer.close()
@@ -645,12 +643,7 @@ def test_cancelled_drain_and_sendfile_are_clean(
         async with server:
             port = server.sockets[0].getsockname()[1]
             for how in ("drain", "sendfile"):
-                _, writer = await kasyncio.open_connection(
-                    "127.0.0.1",
-                    port,
-                    context=_client_ctx(certs, engine),
-                    server_hostname="localhost",
-                )
+                _, writer = await _connect(certs, engine, port)
                 task: asyncio.Future[Any]
                 with path.open("rb") as f:
                     if how == "drain":
@@ -673,16 +666,6 @@ def test_cancelled_drain_and_sendfile_are_clean(
 
 
 # -- frameworks, unchanged -------------------------------------------------------------------
-
-
-async def _curl(ca: Path, port: int, path: str = "/") -> bytes:
-    curl = await asyncio.create_subprocess_exec(
-        "curl", "-sS", "--cacert", str(ca), "--resolve", f"localhost:{port}:127.0.0.1",
-        f"https://localhost:{port}{path}", stdout=subprocess.PIPE,
-    )  # fmt: skip
-    out, _ = await curl.communicate()
-    assert curl.returncode == 0
-    return out
 
 
 def test_aiohttp_app_on_ktls(certs: Certs, engine: str, run: Any) -> None:

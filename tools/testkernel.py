@@ -1069,9 +1069,10 @@ def main(args: Sequence[str] | None = None) -> int:
             )
             if not panicked or attempt:
                 break
-            # UML 7.2 has panicked, rarely, in its own memory management (munmap ->
-            # kmem_cache_free) under the asyncio load tests: a fault in the test kernel,
-            # not a test result.  Said loudly, and the command runs once more.
+            # UML 7.2 panicked in its own memory management (munmap, exec: "Bad page
+            # map") when uvloop spawned processes (the tests no longer let it); should a
+            # panic still come, it is a fault in the test kernel, not a test result: said
+            # loudly, and the command runs once more.
             _log(f"the UML kernel itself panicked ({report.kernel_problems[-1]}); running again")
         return report.status
     except TestKernelError as exc:
