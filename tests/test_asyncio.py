@@ -596,6 +596,31 @@ def test_handshake_timeout_and_cancellation_leave_nothing(
     assert _open_fds() <= before
 
 
+def test_server_wait_closed_waits_for_its_connections(certs: Certs, engine: str, run: Any) -> None:
+    """As asyncio.Server from 3.12: wait_closed() returns once every accepted connection
+    has ended; close_clients() ends them (with close_notify: the client sees EOF)."""
+
+    async def main() -> None:
+        server = await kasyncio.start_server(
+            _echo, "127.0.0.1", 0, context=_server_ctx(certs, engine)
+        )
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await _connect(certs, engine, port)
+        writer.write(b"ping")
+        assert await reader.readexactly(4) == b"ping"
+        server.close()
+        waiting = asyncio.ensure_future(server.wait_closed())
+        await asyncio.sleep(0.2)
+        assert not waiting.done()  # the connection is still up
+        server.close_clients()
+        await asyncio.wait_for(waiting, 5)
+        assert await reader.read() == b""
+        writer.close()
+        await writer.wait_closed()
+
+    run(main())
+
+
 def test_a_bad_client_costs_only_its_own_connection(certs: Certs, engine: str, run: Any) -> None:
     """Garbage instead of a ClientHello, and a client that connects and says nothing,
     while a good client is served."""

@@ -162,6 +162,7 @@ class TLSTransport(asyncio.transports._FlowControlMixin):
         self._failure: BaseException | None = None  # what ended the connection
         self._read_buffer = bytearray()
         tls.settimeout(0.0)
+        tls._confine_to_one_thread()  # the loop's
         if server is not None:
             server._attach(self)
 
@@ -269,6 +270,8 @@ class TLSTransport(asyncio.transports._FlowControlMixin):
             if not count:
                 self._eof_received()
                 return
+            if self._tls._poll_shows_all():
+                break  # the loop's readiness tells us when to read again
         else:
             self._loop.call_soon(self._read_ready)  # more may wait: after others' turn
         # Reading may owe the peer something (a KeyUpdate answer) the socket did not
@@ -570,10 +573,10 @@ class TLSTransport(asyncio.transports._FlowControlMixin):
         if self._close_task is not None and not self._loop.is_closed():
             self._close_task.cancel()
         self._tls._abort()
-        if self._server is not None:
-            self._server._detach(self)
         if not self._loop.is_closed():  # (else a task of a finished loop is being collected)
             self._loop.call_soon(self._connection_lost, exc)
+        elif self._server is not None:
+            self._server._detach(self)
 
     def _gone(self) -> Exception:
         """What a wait on a connection that ended raises: why it ended, if it failed."""
@@ -588,6 +591,8 @@ class TLSTransport(asyncio.transports._FlowControlMixin):
             self._protocol.connection_lost(exc)
         finally:
             self._protocol = asyncio.Protocol()  # break the reference cycle
+            if self._server is not None:
+                self._server._detach(self)
 
     def __del__(self, _warn: Callable[..., None] = warnings.warn) -> None:
         if not self._closed and self._tls.fileno() >= 0:
@@ -774,6 +779,7 @@ class TLSServer:
         self._handshake_timeout = handshake_timeout
         self._handshakes: set[asyncio.Task[None]] = set()
         self._transports: set[TLSTransport] = set()
+        self._idle_waiters: list[asyncio.Future[None]] = []  # see wait_closed
         self._serving = False
         self._closed = asyncio.Event()
 
@@ -850,6 +856,11 @@ class TLSServer:
 
     def _detach(self, transport: TLSTransport) -> None:
         self._transports.discard(transport)
+        if not self._transports:
+            for waiter in self._idle_waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            self._idle_waiters.clear()
 
     def close(self) -> None:
         """Stop listening (established connections go on, as with asyncio.Server)."""
@@ -874,11 +885,16 @@ class TLSServer:
             transport.abort()
 
     async def wait_closed(self) -> None:
-        """Until the server is closed and its handshake tasks are done."""
+        """Until the server is closed and every connection it accepted has ended (as
+        ``asyncio.Server`` from Python 3.12; ``close_clients()`` ends them)."""
         await self._closed.wait()
         pending = list(self._handshakes)
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
+        while self._transports:
+            waiter = self._loop.create_future()
+            self._idle_waiters.append(waiter)
+            await waiter
 
     async def __aenter__(self) -> TLSServer:
         return self

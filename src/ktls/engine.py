@@ -85,6 +85,11 @@ class RxEngine(Protocol):
         or None when something else comes first (a control record, a whole record of
         unknown type, an error, the end): read it to find out.  Without waiting."""
 
+    def held(self) -> bool:
+        """Whether a read may find something ready that poll() does not show: True
+        while records wait in user space, and always on a kernel that hides records it
+        decrypted ahead.  Event loops wait for readability only when this is False."""
+
     def rekey(self, keys: TrafficKeys) -> None:
         """Open every following record with new keys (TLS 1.3 KeyUpdate)."""
 

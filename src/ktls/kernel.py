@@ -324,6 +324,9 @@ class KernelRx(_KernelDirection, RxEngine):
             return None
         return count
 
+    def held(self) -> bool:
+        return True  # the 7.x trap: only a read that fails with EAGAIN proves nothing is
+
     def read_into(
         self, buffer: memoryview, flags: int = 0
     ) -> tuple[ContentType, memoryview | int] | None:

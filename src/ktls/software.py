@@ -199,6 +199,9 @@ class SoftwareRx(RxEngine):
             return len(held[1])
         return None
 
+    def held(self) -> bool:
+        return self._held is not None or self._receiver.has_record()
+
     def rekey(self, keys: TrafficKeys) -> None:
         self._receiver.rekey(keys)
 

@@ -30,7 +30,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Generator
-from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn, Protocol, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -54,6 +54,8 @@ from .session import Role, Session
 from .wire import AlertDescription, ContentType, ProtocolVersion
 
 if TYPE_CHECKING:
+    from types import TracebackType
+
     from typing_extensions import Buffer
 
     from .engine import RxEngine, TxEngine
@@ -74,6 +76,44 @@ _NO_ROOM = memoryview(bytearray())  # a read that only takes in (pending, close)
 _DRAIN_LIMIT = 1 << 22
 # What one peek during the handshake may see: a whole flight, certificates and all.
 _HANDSHAKE_PEEK = 1 << 16
+
+
+class _Lock(Protocol):
+    def acquire(self, blocking: bool = ..., timeout: float = ...) -> bool: ...
+    def release(self) -> None: ...
+    def __enter__(self) -> bool: ...
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+        /,
+    ) -> None: ...
+
+
+class _Unlocked:
+    """The locks of a socket only one thread uses (see _confine_to_one_thread)."""
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        return True
+
+    def release(self) -> None:
+        pass
+
+    def __enter__(self) -> bool:
+        return True
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+        /,
+    ) -> None:
+        pass
+
+
+_UNLOCKED = _Unlocked()
 
 
 class TLSSocket:
@@ -101,14 +141,20 @@ class TLSSocket:
         # Application data read but not yet returned: a view of the engine's storage,
         # valid until the engine reads again (which it does only once this is empty).
         self._unread = _NOTHING
-        self._lock = threading.Lock()  # the core's state; never held while waiting
-        self._rx_lock = threading.Lock()  # one reader at a time
-        self._tx_lock = threading.Lock()  # one writer at a time
-        self._handshake_lock = threading.Lock()
+        self._lock: _Lock = threading.Lock()  # the core's state; never held while waiting
+        self._rx_lock: _Lock = threading.Lock()  # one reader at a time
+        self._tx_lock: _Lock = threading.Lock()  # one writer at a time
+        self._handshake_lock: _Lock = threading.Lock()
         self._handshake_out: memoryview | None = None  # handshake bytes not sent yet
         self._closed = False
         self._io_refs = 0  # makefile() files still open
         self._taken_in = 0  # bytes read and dropped while closing
+
+    def _confine_to_one_thread(self) -> None:
+        """For an event loop that owns this socket: every call comes from its thread, so
+        the locks have nothing to exclude (and each real acquire costs a clock read in
+        CPython 3.11, a system call where there is no vDSO, as in UML)."""
+        self._lock = self._rx_lock = self._tx_lock = self._handshake_lock = _UNLOCKED
 
     # -- the handshake -----------------------------------------------------------------------
 
@@ -444,6 +490,12 @@ class TLSSocket:
             self._rx_lock.release()
         return len(self._unread)
 
+    def _poll_shows_all(self) -> bool:
+        """For event loops, after a read: whether everything left to read is still in
+        the socket, where readiness shows it (else read again before waiting)."""
+        rx = self._rx
+        return not self._unread and rx is not None and not rx.held()
+
     def _read_into(self, view: memoryview) -> int:
         core = self._core or self._established()
         rx = self._rx
@@ -480,7 +532,7 @@ class TLSSocket:
         events: list[Event]
         placed = 0
         try:
-            if deadline is None:  # blocking: the engine waits in the kernel
+            if deadline is None or deadline == sockio.NO_WAIT:  # no waiting of ours
                 record = rx.read_into(view, flags)
             else:
                 record = self._wait_for(lambda: rx.read_into(view, flags), False, deadline)
@@ -623,7 +675,7 @@ class TLSSocket:
         if core.has_output:  # the reader owes the peer something: it goes first
             self._move_output(core)
         try:
-            if deadline is None:  # blocking: the engine waits in the kernel
+            if deadline is None or deadline == sockio.NO_WAIT:  # no waiting of ours
                 return tx.send_data(view)
             return self._wait_for(lambda: tx.send_data(view), True, deadline)
         except (TimeoutError, BlockingIOError):
