@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 KERNEL := $(PYTHON) tools/testkernel.py
 # Debian packages the tests use: openssl, gnutls-bin and curl are real peers; the rest run the
 # UML test kernels (tools/testkernel.py provision installs those itself too).
-DEBS   := openssl gnutls-bin curl user-mode-linux kmod iproute2 patchelf
+DEBS   := openssl gnutls-bin curl user-mode-linux kmod iproute2 patchelf nginx wrk
 
 .PHONY: test serve probe lint types host-tests kernel-tests bench bench-check setup system clean
 

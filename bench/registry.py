@@ -15,6 +15,7 @@ from bench.model import Path, Row, Suite
 SUITES = {
     "core": "bench.core",
     "asyncio": "bench.aio",
+    "serve": "bench.serve",
 }
 
 
