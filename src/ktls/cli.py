@@ -1,4 +1,4 @@
-"""The ``ktls`` command: ``ktls probe`` and ``ktls connect``."""
+"""The ``ktls`` command: ``ktls probe``, ``ktls connect`` and ``ktls serve``."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from .errors import (
     SoftwareUnsupported,
 )
 from .kernel import KernelCapabilities, capabilities, read_tls_stat
+from .serve import main as serve_main
 from .suites import CIPHERS
 from .wire import ProtocolVersion
 
@@ -300,6 +301,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds for connecting and the handshake (default 30)",
     )
     connect.set_defaults(func=cmd_connect)
+
+    serve = commands.add_parser(
+        "serve",
+        help="HTTPS file server: file bodies by sendfile through the kernel's TLS",
+        description="Serve a directory over HTTPS (HTTP/1.1: GET and HEAD, ranges, "
+        "conditional requests, directory listings). After each handshake the records go "
+        "to the kernel's TLS layer where it can take them, and file bodies leave by "
+        "sendfile(2) with no copy through Python; elsewhere the software engine serves the "
+        "same bytes. Without --cert a fresh self-signed certificate for localhost is made "
+        "(printed with a curl line that trusts it). SIGINT or SIGTERM stops it gracefully "
+        "and prints what was served, per engine, and the kernel's tls_stat changes.",
+    )
+    serve_main.add_arguments(serve)
+    serve.set_defaults(func=serve_main.run)
     return parser
 
 
