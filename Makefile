@@ -4,11 +4,12 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 KERNEL := $(PYTHON) tools/testkernel.py
-# Debian packages the tests use: openssl, gnutls-bin and curl are real peers; the rest run the
-# UML test kernels (tools/testkernel.py provision installs those itself too).
+# Debian packages the tests use: openssl, gnutls-bin and curl are real peers; nginx and wrk
+# are the serve benchmark's reference server and load; the rest run the UML test kernels
+# (tools/testkernel.py provision installs those itself too).
 DEBS   := openssl gnutls-bin curl user-mode-linux kmod iproute2 patchelf nginx wrk
 
-.PHONY: test serve probe lint types host-tests kernel-tests bench bench-check setup system clean
+.PHONY: test serve demo probe lint types host-tests kernel-tests bench bench-check setup system clean
 
 setup: $(STAMP) system
 
@@ -70,9 +71,16 @@ probe: setup
 	$(KERNEL) run --kernel 6.1 -- $(VENV)/bin/ktls probe
 	$(KERNEL) run --kernel 7 -- $(VENV)/bin/ktls probe
 
-# Until `ktls serve` exists: probe the kernels, then a real HTTPS request through the
-# kernel's TLS inside UML 7.x (tools/demo.py).
+# The main job: `ktls serve` on SERVE_DIR (default: this directory) at https://localhost:8443
+# with a fresh self-signed certificate; SERVE_ARGS adds options (see `ktls serve --help`).
+SERVE_DIR  ?= .
+SERVE_ARGS ?=
 serve: setup
+	$(VENV)/bin/ktls serve $(SERVE_DIR) $(SERVE_ARGS)
+
+# A real HTTPS request through the kernel's TLS inside UML 7.x, for hosts without kTLS
+# (tools/demo.py).
+demo: setup
 	$(VENV)/bin/ktls probe
 	$(KERNEL) run --kernel 7 -- $(PY) tools/demo.py
 

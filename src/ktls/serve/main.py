@@ -11,6 +11,7 @@ import ipaddress
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -261,6 +262,15 @@ def _new_loop(choice: str) -> asyncio.AbstractEventLoop:
         return kasyncio.new_event_loop()
 
 
+# Set by a SIGTERM/SIGINT that arrives before a worker's loop handles them (between the
+# banner and the loop's start, or in a worker just forked): the worker stops at once.
+_early_stop: list[int] = []
+
+
+def _note_early_stop(signum: int, _frame: object) -> None:
+    _early_stop.append(signum)
+
+
 def _worker(server: FileServer, listener: socket.socket, loop_choice: str) -> Stats:
     """One worker: serve until SIGTERM or SIGINT, then shut down gracefully."""
     loop = _new_loop(loop_choice)
@@ -270,6 +280,8 @@ def _worker(server: FileServer, listener: socket.socket, loop_choice: str) -> St
             stop = asyncio.Event()
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, stop.set)
+            if _early_stop:  # a signal came before the loop could take it
+                stop.set()
             await server.start(sock=listener)
             await stop.wait()
             await server.shutdown()
@@ -292,6 +304,16 @@ def _report(stats: Stats, before: dict[str, int] | None, out: Callable[[str], No
             + (", ".join(f"{k} +{v}" for k, v in delta.items()) or "none"))  # fmt: skip
 
 
+def _raise_fd_limit(max_connections: int) -> None:
+    """Room for each connection's socket and open file, as far as the hard limit allows
+    (the usual soft limit, 1024, would refuse connections well below --max-connections)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 2 * max_connections + 64
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        new = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         return _run(args)
@@ -310,6 +332,12 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError("--port must be 0-65535")
     if args.key is not None and args.cert is None:
         raise UsageError("--key needs --cert")
+    for option in ("handshake", "header", "idle", "send", "shutdown"):
+        if not getattr(args, f"{option}_timeout") > 0:
+            raise UsageError(f"--{option}-timeout must be more than 0")
+    if args.max_connections < 1:
+        raise UsageError("--max-connections must be at least 1")
+    _raise_fd_limit(args.max_connections)
     logging.basicConfig(level=logging.WARNING, format="ktls serve: %(message)s")
     say: Callable[[str], None] = (lambda _line: None) if args.quiet else print
     with contextlib.ExitStack() as cleanup:
@@ -318,6 +346,8 @@ def _run(args: argparse.Namespace) -> int:
             cert, key = self_signed(scratch)
         else:
             cert, key = args.cert, args.key
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            cleanup.callback(signal.signal, signum, signal.signal(signum, _note_early_stop))
         engines, kernel_can = engine_summary(args.offload, args.version)
         if args.offload == "kernel" and not kernel_can:
             raise UsageError(f"--offload kernel: {engines}")
@@ -341,15 +371,18 @@ def _run(args: argparse.Namespace) -> int:
                 raise UsageError(f"--access-log: {exc}") from None
         elif not args.quiet:
             access_log = sys.stdout
+        listeners: list[socket.socket] = []
         try:
-            listeners = [
-                _listener(args.bind, args.port, args.workers > 1) for _ in range(args.workers)
-            ]
+            listeners.append(_listener(args.bind, args.port, args.workers > 1))
+            port = listeners[0].getsockname()[1]  # (--port 0: the one the first got)
+            for _ in range(args.workers - 1):
+                listeners.append(_listener(args.bind, port, True))
         except OSError as exc:
+            for listener in listeners:
+                listener.close()
             print(f"ktls serve: cannot listen on {args.bind}:{args.port}: {exc.strerror}",
                   file=sys.stderr)  # fmt: skip
             return 1
-        port = listeners[0].getsockname()[1]
         shown = "localhost" if args.bind in ("127.0.0.1", "0.0.0.0", "::", "::1") else args.bind
         url = f"https://{shown}:{port}/"
         say(f"ktls serve: {root.resolve()} on {url} "
@@ -413,6 +446,8 @@ def _run_workers(
                 os.kill(child, signal.SIGTERM)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    if _early_stop:
+        forward(_early_stop[0], None)
     try:
         for child in children:
             os.waitpid(child, 0)

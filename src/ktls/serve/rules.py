@@ -8,9 +8,11 @@ is here, as plain functions of their inputs, so each rule is tested on its own.
 
 from __future__ import annotations
 
+import datetime
 import html
 import mimetypes
 import posixpath
+import re
 import urllib.parse
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -47,6 +49,9 @@ def target_parts(target: bytes) -> tuple[tuple[str, ...], bool]:
     every encoded form of ".." or "/" is seen for what it is; climbing above the root
     is refused (403), as are NUL, bad encodings and targets that are not a path (400).
     """
+    scheme, separator, rest = target.partition(b"://")
+    if separator and scheme.lower() in (b"http", b"https"):  # absolute-form (RFC 9112, 3.2.2)
+        target = b"/" + rest.partition(b"/")[2]
     if not target.startswith(b"/"):
         raise TargetError(400, "the request target must be a path starting with /")
     path = target.split(b"?", 1)[0].split(b"#", 1)[0]
@@ -66,7 +71,8 @@ def target_parts(target: bytes) -> tuple[tuple[str, ...], bool]:
             parts.pop()
         else:
             parts.append(segment)
-    return tuple(parts), text.endswith("/")
+    last = text.rsplit("/", 1)[-1]
+    return tuple(parts), last in ("", ".", "..")  # "/a/." names the directory /a/
 
 
 @dataclass(frozen=True)
@@ -100,9 +106,12 @@ def http_date(seconds: float) -> str:
 
 def _parse_date(text: str) -> float | None:
     try:
-        return parsedate_to_datetime(text).timestamp()
+        when = parsedate_to_datetime(text)
     except (TypeError, ValueError, IndexError):
         return None
+    if when.tzinfo is None:  # asctime has no zone; every HTTP date is UTC (RFC 9110, 5.6.7)
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return when.timestamp()
 
 
 def _etags(header: str) -> list[str]:
@@ -112,6 +121,15 @@ def _etags(header: str) -> list[str]:
 def _weak_match(header: str, etag: str) -> bool:
     # If-None-Match compares weakly: W/"x" matches "x" (RFC 9110, 13.1.2).
     return any(tag == "*" or tag.removeprefix("W/") == etag for tag in _etags(header))
+
+
+def _precondition_failed(headers: Mapping[str, str], info: FileInfo) -> bool:
+    """If-Match (strong comparison) or, without it, If-Unmodified-Since (RFC 9110,
+    13.2.2 steps 1-2)."""
+    if "if-match" in headers:
+        return not any(tag in ("*", info.etag) for tag in _etags(headers["if-match"]))
+    since = _parse_date(headers.get("if-unmodified-since", ""))
+    return since is not None and int(info.mtime) > since
 
 
 def _not_modified(headers: Mapping[str, str], info: FileInfo) -> bool:
@@ -132,45 +150,63 @@ def _range_applies(headers: Mapping[str, str], info: FileInfo) -> bool:
     return condition == http_date(info.mtime)
 
 
+_RANGE_SPEC = re.compile(r"(\d*)-(\d*)", re.ASCII)
+
+
 def _byte_range(header: str, size: int) -> tuple[int, int] | bool | None:
     """(offset, length) for one satisfiable range; None when the header is to be
     ignored (not bytes, not one range, malformed); False when unsatisfiable."""
     unit, _, spec = header.partition("=")
     if unit.strip().lower() != "bytes" or "," in spec:
         return None  # several ranges: the whole file is a valid answer (RFC 9110, 14.2)
-    first_text, dash, last_text = spec.strip().partition("-")
-    if not dash or not (first_text.isdigit() or last_text.isdigit()):
+    found = _RANGE_SPEC.fullmatch(spec.strip())
+    if found is None or found.group(0) == "-":
         return None
+    first_text, last_text = found.groups()
     if not first_text:  # the last N bytes
         suffix = int(last_text)
         if suffix == 0 or size == 0:
             return False
         return max(0, size - suffix), min(suffix, size)
     first = int(first_text)
-    if last_text and not last_text.isdigit():
-        return None
-    last = int(last_text) if last_text else size - 1
-    if last < first:
-        return None
+    if last_text and int(last_text) < first:
+        return None  # invalid (RFC 9110, 14.1.1): ignored
     if first >= size:
         return False
-    last = min(last, size - 1)
+    last = min(int(last_text), size - 1) if last_text else size - 1
     return first, last - first + 1
 
 
+# A file such as notes.txt.gz is served as the compressed bytes it is, not as text
+# with a Content-Encoding (which clients would undo, saving something else).
+_COMPRESSED = {
+    "gzip": "application/gzip",
+    "bzip2": "application/x-bzip2",
+    "xz": "application/x-xz",
+    "compress": "application/x-compress",
+    "br": "application/x-brotli",
+}
+
+
 def content_type(name: str) -> str:
-    kind, _encoding = _TYPES.guess_type(name, strict=False)
+    if name.startswith("data:"):  # (mimetypes reads such a name as a data: URL)
+        name = "_" + name
+    kind, encoding = _TYPES.guess_type(name, strict=False)
+    if encoding is not None:
+        return _COMPRESSED.get(encoding, "application/octet-stream")
     return kind or "application/octet-stream"
 
 
 def plan_file(method: str, headers: Mapping[str, str], name: str, info: FileInfo) -> Plan:
-    """The answer to GET/HEAD of a file: 200, 206, 304 or 416.  ``headers`` are the
-    request's, names lowercased."""
+    """The answer to GET/HEAD of a file: 200, 206, 304, 412 or 416.  ``headers`` are
+    the request's, names lowercased."""
     common = (
         ("ETag", info.etag),
         ("Last-Modified", http_date(info.mtime)),
         ("Accept-Ranges", "bytes"),
     )
+    if _precondition_failed(headers, info):
+        return Plan(412, (*common, ("Content-Length", "0")))
     if _not_modified(headers, info):
         return Plan(304, common)
     typed = (("Content-Type", content_type(name)), *common)
@@ -204,6 +240,14 @@ class Entry:
     mtime: float
 
 
+def _undecodable(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # os.scandir's surrogate escapes for bytes that are not UTF-8
+        return True
+    return False
+
+
 def listing(path: str, entries: Iterable[Entry]) -> bytes:
     """An HTML listing of a directory; every name is escaped (a file may be called
     ``<script>``) and every link percent-encoded."""
@@ -212,6 +256,8 @@ def listing(path: str, entries: Iterable[Entry]) -> bytes:
     if path != "/":
         rows.append('<tr><td><a href="../">../</a></td><td></td><td></td></tr>')
     for entry in sorted(entries, key=lambda e: (not e.is_dir, e.name)):
+        if not entry.name.isprintable() or _undecodable(entry.name):
+            continue  # no request could name it (targets are UTF-8)
         shown = entry.name + ("/" if entry.is_dir else "")
         href = urllib.parse.quote(shown)
         size = "-" if entry.is_dir else str(entry.size)

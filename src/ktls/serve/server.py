@@ -25,11 +25,12 @@ import logging
 import os
 import socket
 import stat
+import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
-from typing import Any, TextIO, cast
+from typing import Any, TextIO, TypeVar, cast
 
 import h11
 
@@ -80,6 +81,18 @@ class Stats:
             "requests": dict(self.requests),
             "body_bytes": dict(self.body_bytes),
         }
+
+
+_T = TypeVar("_T")
+
+
+async def _within(awaitable: Awaitable[_T], seconds: float) -> _T:
+    """``await`` with a time limit (TimeoutError).  asyncio.timeout where it exists:
+    wait_for wraps the awaitable in a task of its own, a cost paid per request here."""
+    if sys.version_info >= (3, 11):
+        async with asyncio.timeout(seconds):
+            return await awaitable
+    return await asyncio.wait_for(awaitable, seconds)
 
 
 def _head(conn: _Connection, status: int, headers: list[tuple[str, str]]) -> bytes:
@@ -250,6 +263,7 @@ class FileServer:
         Waits idle_timeout for its first byte, then header_timeout for the rest."""
         deadline: float | None = None
         loop = asyncio.get_running_loop()
+        received = len(conn.h11.trailing_data[0])  # (pipelined: already here)
         while True:
             try:
                 event = conn.h11.next_event()
@@ -257,6 +271,11 @@ class FileServer:
                 await self._refuse(conn, exc.error_status_hint, str(exc))
                 raise _Closing from None
             if isinstance(event, h11.Request):
+                # h11 limits a head that is still arriving; one that came whole in a
+                # single read is measured here.
+                if received - len(conn.h11.trailing_data[0]) > self.limits.max_head:
+                    await self._refuse(conn, 431, "request line and headers too large")
+                    raise _Closing
                 return event
             if isinstance(event, h11.ConnectionClosed):
                 return None
@@ -267,13 +286,14 @@ class FileServer:
                 self.limits.idle_timeout if deadline is None else max(0.0, deadline - loop.time())
             )
             try:
-                data = await asyncio.wait_for(conn.reader.read(_READ_SIZE), wait)
+                data = await _within(conn.reader.read(_READ_SIZE), wait)
             except asyncio.TimeoutError:
                 if deadline is not None:
                     await self._refuse(conn, 408, "the request took too long")
                 raise _Closing from None
             if data and deadline is None:
                 deadline = loop.time() + self.limits.header_timeout
+            received += len(data)
             conn.h11.receive_data(data)
 
     async def _refuse(self, conn: _Connection, status: int, reason: str) -> None:
@@ -290,7 +310,7 @@ class FileServer:
             return
         conn.writer.write(data)
         with contextlib.suppress(OSError, KTLSError, asyncio.TimeoutError):
-            await asyncio.wait_for(conn.writer.drain(), self.limits.send_timeout)
+            await _within(conn.writer.drain(), self.limits.send_timeout)
         self._log(conn, None, status, len(body))
 
     def _base_headers(self) -> list[tuple[str, str]]:
@@ -329,9 +349,7 @@ class FileServer:
                     raise _Closing
             elif event is h11.NEED_DATA:
                 try:
-                    data = await asyncio.wait_for(
-                        conn.reader.read(_READ_SIZE), self.limits.header_timeout
-                    )
+                    data = await _within(conn.reader.read(_READ_SIZE), self.limits.header_timeout)
                 except asyncio.TimeoutError:
                     raise _Closing from None
                 conn.h11.receive_data(data)
@@ -478,7 +496,7 @@ class FileServer:
     async def _write(self, conn: _Connection, data: bytes) -> None:
         conn.writer.write(data)
         try:
-            await asyncio.wait_for(conn.writer.drain(), self.limits.send_timeout)
+            await _within(conn.writer.drain(), self.limits.send_timeout)
         except asyncio.TimeoutError:
             raise _Closing from None
 
@@ -487,7 +505,7 @@ class FileServer:
         while sent < length:
             want = min(_FILE_CHUNK, length - sent)
             try:
-                chunk = await asyncio.wait_for(
+                chunk = await _within(
                     kasyncio.sendfile(conn.writer, file, offset + sent, want),
                     self.limits.send_timeout,
                 )
