@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import trustme
+from cryptography import x509
 
 import ktls
 import ktls.kernel
@@ -609,3 +610,46 @@ def test_software_limit_is_not_a_kernel_limit() -> None:
     aria = ktls.CIPHERS["ARIA-128-GCM"]
     with pytest.raises(ktls.SoftwareUnsupported, match="software engine has no ARIA"):
         ktls.protection.Sealer(ktls.ProtocolVersion.TLS1_2, aria, bytes(16), bytes(4), 0)
+
+
+def test_server_identities_chosen_by_sni(certs: Certs, engine: str, tmp_path: Path) -> None:
+    """ServerContext.add_identity: a client asking (SNI) for a name of the added
+    certificate gets that certificate; any other name, or none, the first; the
+    connection is the same ktls connection either way (engines, data)."""
+    other_ca = trustme.CA()
+    other = tmp_path / "other.pem"
+    other_ca.issue_cert(
+        "other.example", "*.wild.example"
+    ).private_key_and_cert_chain_pem.write_to_path(str(other))
+    context = ktls.ServerContext(certs.server_ecdsa, offload=engine)  # type: ignore[arg-type]
+    assert context.add_identity(other) == ["other.example", "*.wild.example"]
+    with context.listen(("127.0.0.1", 0)) as listener:
+        for name, expected in [
+            ("other.example", "other.example"),
+            ("x.wild.example", "*.wild.example"),
+            ("localhost", "localhost"),
+            (None, "localhost"),
+        ]:
+
+            def serve() -> None:
+                tls, _ = listener.accept()
+                with tls:
+                    assert_engine(tls, engine)
+                    tls.sendall(b"hello")
+
+            peer = run_in_thread(serve)
+            client = ssl.create_default_context()
+            client.check_hostname = False
+            client.verify_mode = ssl.CERT_NONE
+            with (
+                socket.create_connection(listener.getsockname()) as plain,
+                client.wrap_socket(plain, server_hostname=name) as tls,
+            ):
+                der = tls.getpeercert(binary_form=True)
+                assert tls.recv(5) == b"hello"
+            peer.join()
+            assert der is not None
+            san = x509.load_der_x509_certificate(der).extensions.get_extension_for_class(
+                x509.SubjectAlternativeName
+            )
+            assert expected in san.value.get_values_for_type(x509.DNSName), name

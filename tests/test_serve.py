@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
@@ -160,9 +161,10 @@ def start_server(root: Path, cert: Path | None, engine: str, tmp: Path, *options
     access_log = tmp / f"access-{time.monotonic_ns()}.log"
     argv = [*_no_dac_override(), sys.executable, "-m", "ktls", "serve", str(root),
             "--port", "0", "--workers", "1", "--offload", engine,
-            "--access-log", str(access_log), *options]  # fmt: skip
+            "--access-log", str(access_log)]  # fmt: skip
     if cert is not None:
         argv += ["--cert", str(cert)]
+    argv += options
     process = subprocess.Popen(
         argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
     )
@@ -484,6 +486,41 @@ def test_no_listing_option(tree: Tree, certs: Certs) -> None:
     with serving(tree, certs, "software", "--no-listing") as served:
         assert request(served, certs, "/sub/").status == 403
         assert request(served, certs, "/site/").body == b"<h1>the index</h1>\n"
+
+
+def test_certificates_chosen_by_sni(tree: Tree, certs: Certs, tmp_path: Path) -> None:
+    """Several --cert: the first for clients without a known name, each other for the
+    names its certificate carries (wildcards too)."""
+    ca = trustme.CA()
+    other = tmp_path / "other.pem"
+    ca.issue_cert("other.test", "*.wild.test").private_key_and_cert_chain_pem.write_to_path(
+        str(other)
+    )
+    both = tmp_path / "both-cas.pem"
+    both.write_bytes(certs.ca.read_bytes() + ca.cert_pem.bytes())
+    with serving(tree, certs, "software", "--cert", str(other)) as served:
+        assert "for SNI other.test, *.wild.test" in "".join(served.banner)
+        for host in ("other.test", "a.wild.test", "localhost"):
+            done = subprocess.run(
+                [
+                    "curl",
+                    "-sS",
+                    "--cacert",
+                    str(both),
+                    "--resolve",
+                    f"{host}:{served.port}:127.0.0.1",
+                    f"https://{host}:{served.port}/hello.txt",
+                ],
+                capture_output=True,
+                timeout=TIMEOUT,
+                check=False,
+            )
+            assert (done.returncode, done.stdout) == (0, b"hello, world\n"), done.stderr
+        context = ssl.create_default_context(cafile=str(both))
+        with tls_to(served.port, context) as tls:  # (tls_to asks for "localhost")
+            peer = tls.getpeercert()
+            assert peer is not None
+            assert ("DNS", "localhost") in peer["subjectAltName"]
 
 
 # -- connections -----------------------------------------------------------------------------

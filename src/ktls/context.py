@@ -12,8 +12,10 @@ import os
 import socket
 import threading
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
+from cryptography import x509
 from OpenSSL import SSL
 
 from . import handoff
@@ -352,6 +354,20 @@ def _load_identity(
         ) from exc
 
 
+def _dns_names(certfile: str | os.PathLike[str]) -> list[str]:
+    """The host names a PEM certificate (the first in the file) is for."""
+    try:
+        cert = x509.load_pem_x509_certificate(Path(certfile).read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read a certificate from {os.fspath(certfile)!r}: {exc}") from exc
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        return list(san.get_values_for_type(x509.DNSName))
+    except x509.ExtensionNotFound:
+        common = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+        return [str(common[0].value)] if common else []
+
+
 VerifyClient = Literal["none", "optional", "required"]
 
 
@@ -384,6 +400,14 @@ class ServerContext(_Context):
             handshake_timeout=handshake_timeout,
             groups=groups,
         )
+        # What another identity (add_identity) needs to be configured like this one.
+        self._settings: dict[str, Any] = {
+            "client_cafile": client_cafile, "verify_client": verify_client,
+            "ciphers": ciphers, "minimum_version": minimum_version,
+            "maximum_version": maximum_version, "alpn_protocols": alpn_protocols,
+            "offload": offload, "handshake_timeout": handshake_timeout, "groups": groups,
+        }  # fmt: skip
+        self._identities: dict[str, ServerContext] = {}  # server name (or *.suffix)
         ctx = self._ssl
         _load_identity(ctx, certfile, keyfile)
         ctx.set_session_id(b"ktls")
@@ -409,6 +433,39 @@ class ServerContext(_Context):
                 return SSL.NO_OVERLAPPING_PROTOCOLS
 
             ctx.set_alpn_select_callback(select)
+
+    def add_identity(
+        self,
+        certfile: str | os.PathLike[str],
+        keyfile: str | os.PathLike[str] | None = None,
+        *,
+        server_names: Sequence[str] | None = None,
+    ) -> list[str]:
+        """Another certificate chain and key, presented to clients whose SNI asks for
+        one of ``server_names`` (default: the certificate's DNS names, from its
+        subjectAltName, else its common name; ``*.example.org`` matches one label).
+        Clients without SNI, or asking for another name, get the first identity.
+        Returns the names now served by this identity."""
+        other = ServerContext(certfile, keyfile, **self._settings)
+        names = [n.lower() for n in (server_names or _dns_names(certfile))]
+        if not names:
+            raise ConfigError(f"{os.fspath(certfile)!r} names no host (no DNS name in it)")
+        for name in names:
+            self._identities[name] = other
+        self._ssl.set_tlsext_servername_callback(self._choose_identity)
+        return names
+
+    def _choose_identity(self, conn: SSL.Connection) -> None:
+        """OpenSSL's SNI callback: switch the connection to the identity for its name
+        (only the certificate and key change; the connection's settings stay)."""
+        requested = conn.get_servername()
+        if not requested:
+            return
+        name = requested.decode("ascii", "replace").lower().rstrip(".")
+        _, _, parent = name.partition(".")
+        chosen = self._identities.get(name) or self._identities.get(f"*.{parent}")
+        if chosen is not None:
+            conn.set_context(chosen._ssl_context())
 
     def wrap_socket(
         self, sock: socket.socket, *, do_handshake_on_connect: bool = True

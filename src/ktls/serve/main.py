@@ -55,14 +55,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cert",
         type=Path,
+        action="append",
         metavar="FILE",
-        help="certificate chain, PEM (default: a fresh self-signed one)",
+        help="certificate chain, PEM (default: a fresh self-signed one); repeat for "
+        "several sites: the first is the default, each other one is chosen when the "
+        "client's SNI names a host of its certificate",
     )
     parser.add_argument(
         "--key",
         type=Path,
+        action="append",
         metavar="FILE",
-        help="private key, PEM, RSA or ECDSA (default: in --cert's file)",
+        help="private key, PEM, RSA or ECDSA (default: in --cert's file); none, or one "
+        "per --cert in the same order",
     )
     parser.add_argument(
         "--workers",
@@ -304,6 +309,33 @@ def _report(stats: Stats, before: dict[str, int] | None, out: Callable[[str], No
             + (", ".join(f"{k} +{v}" for k, v in delta.items()) or "none"))  # fmt: skip
 
 
+def _context(
+    args: argparse.Namespace, certs: list[Path], keys: list[Path | None]
+) -> tuple[ServerContext, dict[Path, list[str]]]:
+    """The server's context: one identity per certificate, the first the default, each
+    other one chosen by SNI; and the names each of those serves."""
+    context: ServerContext | None = None
+    names: dict[Path, list[str]] = {}
+    for cert, key in zip(certs, keys, strict=True):
+        try:
+            if context is None:
+                context = ServerContext(
+                    cert,
+                    key,
+                    offload=args.offload,
+                    minimum_version=args.version or "TLSv1.2",
+                    maximum_version=args.version or "TLSv1.3",
+                    alpn_protocols=["http/1.1"],
+                    handshake_timeout=args.handshake_timeout,
+                )
+            else:
+                names[cert] = context.add_identity(cert, key)
+        except (KTLSError, OSError, ValueError) as exc:
+            raise UsageError(f"cannot use {cert} / {key or cert}: {exc}") from None
+    assert context is not None
+    return context, names
+
+
 def _raise_fd_limit(max_connections: int) -> None:
     """Room for each connection's socket and open file, as far as the hard limit allows
     (the usual soft limit, 1024, would refuse connections well below --max-connections)."""
@@ -330,8 +362,12 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError("--workers must be at least 1")
     if not 0 <= args.port <= 65535:
         raise UsageError("--port must be 0-65535")
-    if args.key is not None and args.cert is None:
+    certs: list[Path] = args.cert or []
+    keys: list[Path | None] = args.key or [None] * len(certs)
+    if args.key and not certs:
         raise UsageError("--key needs --cert")
+    if len(keys) != len(certs):
+        raise UsageError("give no --key, or one --key per --cert")
     for option in ("handshake", "header", "idle", "send", "shutdown"):
         if not getattr(args, f"{option}_timeout") > 0:
             raise UsageError(f"--{option}-timeout must be more than 0")
@@ -341,28 +377,16 @@ def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="ktls serve: %(message)s")
     say: Callable[[str], None] = (lambda _line: None) if args.quiet else print
     with contextlib.ExitStack() as cleanup:
-        if args.cert is None:
+        if not certs:
             scratch = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="ktls-serve-")))
             cert, key = self_signed(scratch)
-        else:
-            cert, key = args.cert, args.key
+            certs, keys = [cert], [key]
         for signum in (signal.SIGTERM, signal.SIGINT):
             cleanup.callback(signal.signal, signum, signal.signal(signum, _note_early_stop))
         engines, kernel_can = engine_summary(args.offload, args.version)
         if args.offload == "kernel" and not kernel_can:
             raise UsageError(f"--offload kernel: {engines}")
-        try:
-            context = ServerContext(
-                cert,
-                key,
-                offload=args.offload,
-                minimum_version=args.version or "TLSv1.2",
-                maximum_version=args.version or "TLSv1.3",
-                alpn_protocols=["http/1.1"],
-                handshake_timeout=args.handshake_timeout,
-            )
-        except (KTLSError, OSError, ValueError) as exc:
-            raise UsageError(f"cannot use {cert} / {key or cert}: {exc}") from None
+        context, sni_names = _context(args, certs, keys)
         access_log: TextIO | None = None
         if args.access_log is not None:
             try:
@@ -387,9 +411,11 @@ def _run(args: argparse.Namespace) -> int:
         url = f"https://{shown}:{port}/"
         say(f"ktls serve: {root.resolve()} on {url} "
             f"({args.workers} worker{'s' * (args.workers > 1)}, bound to {args.bind})")  # fmt: skip
-        say(f"certificate: {cert} (SHA-256 {fingerprint(cert)})")
+        for index, cert in enumerate(certs):
+            names = f", for SNI {', '.join(sni_names[cert])}" if index else ""
+            say(f"certificate: {cert} (SHA-256 {fingerprint(cert)}{names})")
         if args.cert is None:
-            say(f"  self-signed for localhost; try: curl --cacert {cert} {url}")
+            say(f"  self-signed for localhost; try: curl --cacert {certs[0]} {url}")
         say(engines)
         sys.stdout.flush()
 
