@@ -436,6 +436,10 @@ def test_directories(served: Served, certs: Certs) -> None:
     assert 'href="a%20b%23%3F%25.txt"' in text
     assert 'href="deeper/"' in text
     assert "caf\u00e9.txt" in text
+    top = request(served, certs, "/").body.decode()
+    assert "inside-link.txt" in top
+    assert "outside-link.txt" not in top  # (not even its size and date)
+    assert "outside-dir" not in top
     # ... and each link leads to its file.
     for href, body in [
         ("a%20b%23%3F%25.txt", b"reserved characters in a name\n"),
@@ -480,6 +484,13 @@ def test_follow_symlinks_option(tree: Tree, certs: Certs) -> None:
     with serving(tree, certs, "software", "--follow-symlinks") as served:
         assert request(served, certs, "/outside-link.txt").body == SECRET
         assert request(served, certs, "/outside-dir/secret.txt").body == SECRET
+
+
+def test_listing_shows_links_out_when_followed(tree: Tree, certs: Certs) -> None:
+    with serving(tree, certs, "software", "--follow-symlinks") as served:
+        top = request(served, certs, "/").body.decode()
+        assert "outside-link.txt" in top
+        assert 'href="outside-dir/"' in top
 
 
 def test_no_listing_option(tree: Tree, certs: Certs) -> None:
@@ -562,6 +573,15 @@ def test_access_log(served: Served, certs: Certs) -> None:
         rf'"GET /hello\.txt\?x=1 HTTP/1\.1" 200 13 engine={engine}/{engine}$'
     )
     wait_until(lambda: any(re.match(pattern, line) for line in served.log_lines()), "the log line")
+
+
+def test_access_log_escapes_what_could_forge_a_line(served: Served, certs: Certs) -> None:
+    status, _ = raw_request(served, certs, b'/x"\\.txt')
+    assert status == 404
+    wait_until(
+        lambda: any('"GET /x\\x22\\x5C.txt HTTP/1.1" 404' in line for line in served.log_lines()),
+        f"the escaped line; the log ends: {served.log_lines()[-2:]}",
+    )
 
 
 # -- records on the wire ---------------------------------------------------------------------

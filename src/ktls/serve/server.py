@@ -95,6 +95,12 @@ async def _within(awaitable: Awaitable[_T], seconds: float) -> _T:
     return await asyncio.wait_for(awaitable, seconds)
 
 
+def _escape(raw: bytes) -> str:
+    """A request line for the log: quotes, backslashes and bytes outside printable
+    ASCII as \\xHH (as nginx does), so a line can't be forged or broken."""
+    return "".join(chr(b) if 0x20 <= b < 0x7F and b not in b'"\\' else f"\\x{b:02X}" for b in raw)
+
+
 def _head(conn: _Connection, status: int, headers: list[tuple[str, str]]) -> bytes:
     """A response's head, through h11's books."""
     reason = http.HTTPStatus(status).phrase
@@ -366,11 +372,9 @@ class FileServer:
             info = os.fstat(fd)
             if not (stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode)):
                 raise PermissionError(errno.EACCES, "not a regular file")
-            if not self.follow_symlinks:
-                # What was opened, whatever links led there: inside the root?
-                real = os.readlink(f"/proc/self/fd/{fd}")
-                if real != str(self.root) and not real.startswith(str(self.root) + os.sep):
-                    raise PermissionError(errno.EACCES, "a link leads outside the root")
+            # What was opened, whatever links led there: inside the root?
+            if not self.follow_symlinks and not self._inside(os.readlink(f"/proc/self/fd/{fd}")):
+                raise PermissionError(errno.EACCES, "a link leads outside the root")
         except BaseException:
             os.close(fd)
             raise
@@ -434,9 +438,18 @@ class FileServer:
     def _entries(self, fd: int) -> Iterator[rules.Entry]:
         with os.scandir(fd) as entries:
             for entry in entries:
+                if (
+                    entry.is_symlink()
+                    and not self.follow_symlinks
+                    and not self._inside(os.path.realpath(f"/proc/self/fd/{fd}/{entry.name}"))
+                ):
+                    continue  # (not even its size and date: they are outside's)
                 with contextlib.suppress(OSError):  # vanished, or a dangling link
                     info = entry.stat()
                     yield rules.Entry(entry.name, entry.is_dir(), info.st_size, info.st_mtime)
+
+    def _inside(self, real: str) -> bool:
+        return real == str(self.root) or real.startswith(str(self.root) + os.sep)
 
     # -- sending ---------------------------------------------------------------------------
 
@@ -523,9 +536,8 @@ class FileServer:
         if self.access_log is None:
             return
         when = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime())
-        line = "-" if request is None else (
-            f"{request.method.decode('latin-1')} {request.target.decode('latin-1')} "
-            f"HTTP/{request.http_version.decode('latin-1')}"
+        line = "-" if request is None else _escape(
+            b"%s %s HTTP/%s" % (request.method, request.target, request.http_version)
         )  # fmt: skip
         self.access_log.write(
             f'{conn.peer} - - [{when}] "{line}" {status} {size} engine={conn.engine}\n'
