@@ -449,27 +449,28 @@ class TLSTransport(asyncio.transports._FlowControlMixin):
     async def _sendfile(self, file: BinaryIO, offset: int, count: int | None) -> int:
         await self._flushed()
         try:
-            size = os.fstat(file.fileno()).st_size
+            file_fd = file.fileno()
         except (AttributeError, io.UnsupportedOperation):
             return await self._send_by_reading(file, offset, count)
         if count is None:
-            count = max(0, size - offset)
+            count = max(0, os.fstat(file_fd).st_size - offset)
         position, sent = offset, 0
         try:
             while sent < count:
+                asked = min(_FILE_CHUNK, count - sent)
                 try:
-                    chunk = self._tls.sendfile(file, position, min(_FILE_CHUNK, count - sent))
-                except BlockingIOError:
-                    chunk = file.tell() - position  # what went out before EAGAIN
-                    sent += chunk
-                    position += chunk
+                    chunk = self._tls.sendfile(file, position, asked)
+                except BlockingIOError:  # the socket took nothing
                     await self._writable()
                     continue
                 if not chunk:
                     break
                 sent += chunk
                 position += chunk
-                await asyncio.sleep(0)  # others get a turn between chunks
+                if chunk < asked:  # the socket is full
+                    await self._writable()
+                else:
+                    await asyncio.sleep(0)  # others get a turn between chunks
         except (KTLSError, OSError) as exc:
             self._fatal_error(exc)
             raise

@@ -266,7 +266,8 @@ class KernelTx(_KernelDirection, TxEngine):
         # for NIC offload.)  os.sendfile has no flags: it follows the socket's mode.
         self.flush(flags)
         sent = os.sendfile(self._sock.fileno(), file_fd, offset, count)
-        self._check_reset()
+        if self._sock.gettimeout() is None:  # (one that could not wait swallowed nothing)
+            self._check_reset()
         return sent
 
     def _check_reset(self) -> None:

@@ -694,7 +694,9 @@ class TLSSocket:
         the kernel with no copy into Python, and the kernel builds the records.
 
         Like ``socket.sendfile``: returns the bytes sent and leaves the file position
-        after the last byte sent.  A timeout bounds each wait, not the whole call.
+        after the last byte sent.  A timeout bounds each wait, not the whole call.  On a
+        non-blocking socket it returns what the socket took before it filled (fewer than
+        ``count``), or raises BlockingIOError when it took nothing.
         """
         core = self._established()
         try:
@@ -704,19 +706,25 @@ class TLSSocket:
         if count is None:
             count = max(0, os.fstat(file_fd).st_size - offset)
         sent = 0
+        deadline = self._deadline()
         with self._tx_lock:
             tx = self._sending(core)
             while sent < count:
-                position = offset + sent
+                asked = count - sent
                 if core.has_output:  # the reader owes the peer something: it goes first
                     self._move_output(core)
                 try:
                     chunk = self._wait_for(
-                        functools.partial(tx.sendfile, file_fd, position, count - sent),
+                        functools.partial(tx.sendfile, file_fd, offset + sent, asked),
                         True,
-                        self._deadline(),
+                        deadline,
                     )
-                except (TimeoutError, BlockingIOError):
+                except BlockingIOError:
+                    if not sent:
+                        file.seek(offset)
+                        raise
+                    break  # non-blocking: what the socket took before it filled
+                except TimeoutError:
                     file.seek(offset + sent)
                     raise
                 except (OSError, KernelUnsupported) as exc:
@@ -724,6 +732,8 @@ class TLSSocket:
                 if not chunk:
                     break  # end of file
                 sent += chunk
+                if chunk < asked and deadline == sockio.NO_WAIT and self.tx_engine == "kernel":
+                    break  # the socket is full: the next sendfile would only say EAGAIN
         file.seek(offset + sent)
         return sent
 

@@ -22,6 +22,7 @@ import dataclasses
 import errno
 import http
 import logging
+import math
 import os
 import socket
 import stat
@@ -49,6 +50,7 @@ _RECORD = 16384  # the most plaintext one TLS record carries
 _READ_SIZE = 65536
 _FILE_CHUNK = 4 << 20  # sendfile in chunks, each bounded by send_timeout
 _BODY_LIMIT = 65536  # what a GET/HEAD may carry (and we read and drop)
+TICK = 0.25  # seconds between readings of the server's clock
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,15 +86,6 @@ class Stats:
 
 
 _T = TypeVar("_T")
-
-
-async def _within(awaitable: Awaitable[_T], seconds: float) -> _T:
-    """``await`` with a time limit (TimeoutError).  asyncio.timeout where it exists:
-    wait_for wraps the awaitable in a task of its own, a cost paid per request here."""
-    if sys.version_info >= (3, 11):
-        async with asyncio.timeout(seconds):
-            return await awaitable
-    return await asyncio.wait_for(awaitable, seconds)
 
 
 def _escape(raw: bytes) -> str:
@@ -148,6 +141,8 @@ class _Connection:
     peer: str
     h11: h11.Connection
     busy: bool = False  # a request is being answered (shutdown lets it finish)
+    deadline: float = math.inf  # (loop time) when the current wait ends
+    expired: bool = False  # the clock cancelled the wait: a timeout, not a shutdown
 
 
 class FileServer:
@@ -173,6 +168,13 @@ class FileServer:
         self._server: kasyncio.TLSServer | None = None
         self._connections: dict[asyncio.Task[Any], _Connection] = {}
         self._draining = False
+        # The server's clock: read once per tick, not per request (each read is a
+        # system call where there is no vDSO, UML among them), for deadlines, the Date
+        # header and the log.
+        self._now = 0.0
+        self._date = ""
+        self._log_time = ""
+        self._ticker: asyncio.TimerHandle | None = None
 
     # -- the server ------------------------------------------------------------------------
 
@@ -185,6 +187,7 @@ class FileServer:
         reuse_port: bool = False,
     ) -> kasyncio.TLSServer:
         """Listen on ``host``:``port`` or on the listening socket ``sock``."""
+        self._tick()
         self._server = await kasyncio.start_server(
             self._serve_connection,
             host,
@@ -216,6 +219,41 @@ class FileServer:
         if self._server is not None:
             self._server.abort_clients()
             await self._server.wait_closed()
+        if self._ticker is not None:
+            self._ticker.cancel()
+
+    # -- the clock -------------------------------------------------------------------------
+
+    def _tick(self) -> None:
+        """Every TICK: read the clocks, end the waits whose deadline passed."""
+        loop = asyncio.get_running_loop()
+        self._now = loop.time()
+        wall = time.time()
+        self._date = rules.http_date(wall)
+        self._log_time = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(wall))
+        for task, conn in self._connections.items():
+            if conn.deadline <= self._now and not conn.expired:
+                conn.expired = True
+                task.cancel()
+        self._ticker = loop.call_later(TICK, self._tick)
+
+    async def _within(self, conn: _Connection, awaitable: Awaitable[_T], seconds: float) -> _T:
+        """``await`` for ``seconds`` at least (TimeoutError), at most one TICK more.
+        One deadline per connection, checked by the clock's tick: no timer per wait."""
+        conn.deadline = self._now + TICK + seconds  # (_now is up to a TICK old)
+        try:
+            return await awaitable
+        except asyncio.CancelledError:
+            if not conn.expired:
+                raise
+            if sys.version_info >= (3, 11):
+                task = asyncio.current_task()
+                assert task is not None
+                task.uncancel()
+            raise TimeoutError("the client took too long") from None
+        finally:
+            conn.deadline = math.inf
+            conn.expired = False
 
     # -- one connection --------------------------------------------------------------------
 
@@ -267,8 +305,7 @@ class FileServer:
     async def _next_request(self, conn: _Connection) -> h11.Request | None:
         """The next request's head (None when the client closed between requests).
         Waits idle_timeout for its first byte, then header_timeout for the rest."""
-        deadline: float | None = None
-        loop = asyncio.get_running_loop()
+        deadline: float | None = None  # of the headers, once their first byte came
         received = len(conn.h11.trailing_data[0])  # (pipelined: already here)
         while True:
             try:
@@ -287,18 +324,16 @@ class FileServer:
                 return None
             assert event is h11.NEED_DATA, event
             if deadline is None and conn.h11.trailing_data[0]:
-                deadline = loop.time() + self.limits.header_timeout
-            wait = (
-                self.limits.idle_timeout if deadline is None else max(0.0, deadline - loop.time())
-            )
+                deadline = self._now + self.limits.header_timeout
+            wait = self.limits.idle_timeout if deadline is None else max(0.0, deadline - self._now)
             try:
-                data = await _within(conn.reader.read(_READ_SIZE), wait)
-            except asyncio.TimeoutError:
+                data = await self._within(conn, conn.reader.read(_READ_SIZE), wait)
+            except TimeoutError:
                 if deadline is not None:
                     await self._refuse(conn, 408, "the request took too long")
                 raise _Closing from None
             if data and deadline is None:
-                deadline = loop.time() + self.limits.header_timeout
+                deadline = self._now + self.limits.header_timeout
             received += len(data)
             conn.h11.receive_data(data)
 
@@ -315,12 +350,12 @@ class FileServer:
         except h11.LocalProtocolError:
             return
         conn.writer.write(data)
-        with contextlib.suppress(OSError, KTLSError, asyncio.TimeoutError):
-            await _within(conn.writer.drain(), self.limits.send_timeout)
+        with contextlib.suppress(OSError, KTLSError, TimeoutError):
+            await self._within(conn, conn.writer.drain(), self.limits.send_timeout)
         self._log(conn, None, status, len(body))
 
     def _base_headers(self) -> list[tuple[str, str]]:
-        return [("Date", rules.http_date(time.time())), ("Server", SERVER)]
+        return [("Date", self._date), ("Server", SERVER)]
 
     # -- one request -----------------------------------------------------------------------
 
@@ -355,8 +390,10 @@ class FileServer:
                     raise _Closing
             elif event is h11.NEED_DATA:
                 try:
-                    data = await _within(conn.reader.read(_READ_SIZE), self.limits.header_timeout)
-                except asyncio.TimeoutError:
+                    data = await self._within(
+                        conn, conn.reader.read(_READ_SIZE), self.limits.header_timeout
+                    )
+                except TimeoutError:
                     raise _Closing from None
                 conn.h11.receive_data(data)
             else:
@@ -402,10 +439,12 @@ class FileServer:
                 os.close(fd)
             await self._serve_directory(conn, request, method, headers, parts, slash, entries)
             return
-        with open(fd, "rb", buffering=0, closefd=True) as file:
+        try:
             file_info = rules.FileInfo.of(info.st_size, info.st_mtime_ns, info.st_ino)
             plan = rules.plan_file(method, headers, parts[-1] if parts else "", file_info)
-            await self._send_file(conn, request, plan, file)
+            await self._send_file(conn, request, plan, fd)
+        finally:
+            os.close(fd)
 
     async def _serve_directory(
         self,
@@ -482,12 +521,12 @@ class FileServer:
         self._log(conn, request, status, len(body))
 
     async def _send_file(
-        self, conn: _Connection, request: h11.Request, plan: rules.Plan, file: Any
+        self, conn: _Connection, request: h11.Request, plan: rules.Plan, fd: int
     ) -> None:
         headers = [*self._base_headers(), *plan.headers]
         head = _head(conn, plan.status, headers)
         if plan.length and len(head) + plan.length <= _RECORD:
-            body = os.pread(file.fileno(), plan.length, plan.offset)
+            body = os.pread(fd, plan.length, plan.offset)
             if len(body) == plan.length:  # else the file shrank: the sendfile path ends it
                 await self._write(conn, head + _body(conn, body))
                 self._log(conn, request, plan.status, plan.length)
@@ -496,7 +535,9 @@ class FileServer:
         sent = 0
         if plan.length:
             conn.h11.send_with_data_passthrough(h11.Data(data=cast(bytes, _Sized(plan.length))))
-            sent = await self._sendfile(conn, file, plan.offset, plan.length)
+            # (A file object for sendfile only: making one costs an fstat.)
+            with open(fd, "rb", buffering=0, closefd=False) as file:
+                sent = await self._sendfile(conn, file, plan.offset, plan.length)
         self._log(conn, request, plan.status, sent)
         if sent < plan.length:
             # The file shrank under us: the promised length can't be kept, and only
@@ -509,8 +550,8 @@ class FileServer:
     async def _write(self, conn: _Connection, data: bytes) -> None:
         conn.writer.write(data)
         try:
-            await _within(conn.writer.drain(), self.limits.send_timeout)
-        except asyncio.TimeoutError:
+            await self._within(conn, conn.writer.drain(), self.limits.send_timeout)
+        except TimeoutError:
             raise _Closing from None
 
     async def _sendfile(self, conn: _Connection, file: Any, offset: int, length: int) -> int:
@@ -518,11 +559,12 @@ class FileServer:
         while sent < length:
             want = min(_FILE_CHUNK, length - sent)
             try:
-                chunk = await _within(
+                chunk = await self._within(
+                    conn,
                     kasyncio.sendfile(conn.writer, file, offset + sent, want),
                     self.limits.send_timeout,
                 )
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise _Closing from None
             sent += chunk
             if chunk < want:
@@ -535,7 +577,7 @@ class FileServer:
         self.stats.body_bytes[conn.engine] += size
         if self.access_log is None:
             return
-        when = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime())
+        when = self._log_time
         line = "-" if request is None else _escape(
             b"%s %s HTTP/%s" % (request.method, request.target, request.http_version)
         )  # fmt: skip
