@@ -58,8 +58,11 @@ test: setup lint types host-tests kernel-tests bench-check
 
 # Benchmarks (bench/, see README "Benchmarks"): on the host and inside UML 7.x, one table,
 # one JSON (bench/results/latest.json).  BENCH_ARGS passes options, e.g. BENCH_ARGS="--runs 3".
+# The serve suite's chart: bench/results/serve.png (matplotlib, the "bench" extra).
 bench: setup
+	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) -m bench $(BENCH_ARGS)
+	$(PY) -m bench.serve.chart --json bench/results/latest.json --png bench/results/serve.png
 
 # The bench once on tiny sizes, host and UML 7.x: proves the tool works (no timing asserts).
 bench-check: setup

@@ -120,6 +120,41 @@ def test_send_that_cannot_finish_keeps_its_data(certs: Certs, engine: str, mode:
     assert ending == "close_notify"
 
 
+def test_nonblocking_sendfile_returns_what_the_socket_took(
+    certs: Certs, engine: str, tmp_path: Path
+) -> None:
+    """Non-blocking sendfile: a short count when the socket filled (the file position
+    after it), BlockingIOError only when nothing went; resumed from that position,
+    the peer gets the file exactly once."""
+    data = os.urandom(4 * 1024 * 1024 + 7)
+    path = tmp_path / "file"
+    path.write_bytes(data)
+    with _reluctant_reader(certs) as (address, go, peer), path.open("rb") as f:
+        tls = _connect_small(certs, engine, address)
+        assert_engine(tls, engine)
+        tls.setblocking(False)
+        sent, short, refused = 0, 0, 0
+        while sent < len(data):
+            try:
+                chunk = tls.sendfile(f, sent)
+            except BlockingIOError:
+                assert f.tell() == sent
+                refused += 1
+                go.set()  # now the peer reads
+                select.select([], [tls], [], 5)
+                continue
+            assert chunk > 0
+            sent += chunk
+            assert f.tell() == sent
+            short += sent < len(data)
+        assert short > 0
+        tls.setblocking(True)
+        tls.close()
+        digest, size, ending = peer.join()
+    assert (digest, size) == (hashlib.sha256(data).hexdigest(), len(data))
+    assert ending == "close_notify"
+
+
 def test_nonblocking_close_waits_for_close_notify(certs: Certs, engine: str) -> None:
     """close() on a non-blocking socket whose send buffer is full still delivers
     close_notify (within close_timeout): the peer sees a clean end, not truncation."""

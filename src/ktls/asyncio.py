@@ -469,7 +469,7 @@ class TLSTransport(asyncio.transports._FlowControlMixin):
                 position += chunk
                 if chunk < asked:  # the socket is full
                     await self._writable()
-                else:
+                elif sent < count:
                     await asyncio.sleep(0)  # others get a turn between chunks
         except (KTLSError, OSError) as exc:
             self._fatal_error(exc)
