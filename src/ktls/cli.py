@@ -1,4 +1,4 @@
-"""The ``ktls`` command: ``ktls probe``, ``ktls connect`` and ``ktls serve``."""
+"""The ``ktls`` command: ``ktls probe``, ``ktls connect``, ``ktls serve``, ``ktls wrap``."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.table import Table
 
-from . import __version__
+from . import __version__, wrap
 from .context import ClientContext
 from .errors import (
     AlertReceived,
@@ -315,6 +315,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve_main.add_arguments(serve)
     serve.set_defaults(func=serve_main.run)
+
+    wrap_parser = commands.add_parser(
+        "wrap",
+        help="run a program on each TLS connection (its stdin/stdout are the socket)",
+        description="Listen, do each TLS handshake, put the records into the kernel, then "
+        "run PROGRAM with the connection as its stdin and stdout: it reads and writes "
+        "plaintext and nothing copies its bytes. Where the kernel can't (or with --relay) "
+        "the program gets a socketpair and the wrapper relays on the software engine. "
+        "When the program exits, the wrapper sends close_notify and closes.",
+    )
+    wrap.add_arguments(wrap_parser)
+    wrap_parser.set_defaults(func=wrap.run)
     return parser
 
 

@@ -603,6 +603,19 @@ class TLSSocket:
         finally:
             self._tx_lock.release()
 
+    def flush(self) -> None:
+        """Send now what the connection owes the peer (session tickets, a KeyUpdate
+        answer), as the next write would.  For handing the descriptor to another writer
+        (a program run on the socket): what ktls queued goes first."""
+        core = self._core or self._established()
+        if not (core.has_output or (self._tx is not None and self._tx.queued)):
+            return
+        with self._tx_lock:
+            try:
+                self._move_output(core).flush()
+            except (OSError, KTLSError) as exc:
+                self._send_broken(core, exc)
+
     def _flush_nowait(self) -> bool:
         """For event loops: push out, without waiting, what the connection owes the
         peer or has queued; whether nothing is left."""

@@ -1,0 +1,403 @@
+"""``ktls wrap`` as users run it: a real subprocess running real programs (``cat``,
+``sh``), driven by Python's ``ssl``, ``openssl s_client``, ``gnutls-cli`` and ktls's own
+client where a half-close is needed.
+
+On the kernel engine the program gets the TLS socket itself ("direct"); on the software
+engine, or with ``--relay``, a socketpair the wrapper relays ("relay").  Which one ran
+is read from the wrapper's line per connection and the program's KTLS_MODE; the kernel's
+side from ``/proc/net/tls_stat`` and the wrapper's own I/O counters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+import ktls
+from ktls.kernel import read_tls_stat
+
+from .peers import Certs
+
+TIMEOUT = 60
+
+
+@dataclass
+class Wrapped:
+    process: subprocess.Popen[str]
+    port: int
+    lines: list[str] = field(default_factory=list)
+    collector: threading.Thread | None = None
+
+    def stop(self) -> tuple[int, str]:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        status = self.process.wait(TIMEOUT)
+        if self.collector is not None:
+            self.collector.join(TIMEOUT)
+        assert self.process.stderr is not None
+        self.process.stderr.close()
+        return status, "".join(self.lines)
+
+    def io(self, name: str) -> int:
+        for line in Path(f"/proc/{self.process.pid}/io").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key == name:
+                return int(value)
+        raise AssertionError(name)
+
+    def wait_for_line(self, pattern: str) -> re.Match[str]:
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                found = re.search(pattern, line)
+                if found:
+                    return found
+            time.sleep(0.02)
+        raise AssertionError(f"no line like {pattern!r} in {self.lines}")
+
+
+@contextlib.contextmanager
+def wrapping(certs: Certs, engine: str, *args: str) -> Iterator[Wrapped]:
+    """``ktls wrap --listen 127.0.0.1:0 --cert … --offload ENGINE ARGS``."""
+    argv = [sys.executable, "-m", "ktls", "wrap", "--listen", "127.0.0.1:0",
+            "--cert", str(certs.server_ecdsa), "--offload", engine, *args]  # fmt: skip
+    process = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, bufsize=1)
+    assert process.stderr is not None
+    first = process.stderr.readline()
+    found = re.search(r"listening on [\d.]+:(\d+),", first)
+    if not found:
+        process.kill()
+        process.wait(TIMEOUT)
+        process.stderr.close()
+        raise AssertionError(f"ktls wrap did not start: {first}")
+    wrapped = Wrapped(process, int(found.group(1)))
+
+    def collect() -> None:
+        assert process.stderr is not None
+        wrapped.lines.extend(process.stderr)
+
+    wrapped.collector = threading.Thread(target=collect, daemon=True)
+    wrapped.collector.start()
+    try:
+        yield wrapped
+    finally:
+        if process.poll() is None:
+            process.kill()
+        wrapped.stop()
+
+
+def ssl_client(certs: Certs, port: int) -> ssl.SSLSocket:
+    context = ssl.create_default_context(cafile=str(certs.ca))
+    plain = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+    return context.wrap_socket(plain, server_hostname="localhost")
+
+
+def read_all(tls: ssl.SSLSocket | ktls.TLSSocket) -> bytes:
+    data = b""
+    while chunk := tls.recv(65536):
+        data += chunk
+    return data
+
+
+def mode_of(engine: str) -> str:
+    return "direct" if engine == "kernel" else "relay"
+
+
+# -- programs on the connection ---------------------------------------------------------------
+
+
+def test_cat_echoes_every_byte(certs: Certs, engine: str) -> None:
+    """cat on the connection: 4 MiB out and back, SHA-256 checked; the wrapper's line
+    names the engines and whether the program had the socket itself."""
+    payload = os.urandom(4 * 1024 * 1024)
+    with wrapping(certs, engine, "--", "cat") as wrapped:
+        with ssl_client(certs, wrapped.port) as tls:
+            sender = threading.Thread(target=tls.sendall, args=(payload,))
+            sender.start()
+            echoed = b""
+            while len(echoed) < len(payload):
+                chunk = tls.recv(1 << 16)
+                assert chunk
+                echoed += chunk
+            sender.join()
+            tls.unwrap()  # close_notify both ways
+        assert hashlib.sha256(echoed).digest() == hashlib.sha256(payload).digest()
+        wrapped.wait_for_line(rf"tx={engine} rx={engine} {mode_of(engine)}: pid \d+")
+        wrapped.wait_for_line(r"pid \d+ exited")
+
+
+def test_environment_and_descriptors(certs: Certs, engine: str) -> None:
+    """The program learns the connection from its environment, and inherits nothing
+    but its stdin, stdout and stderr (no listening socket, no other connection)."""
+    script = 'env | grep -E "^(PROTO|TCP|TLS_|KTLS_)" | sort; ls -l /proc/self/fd'
+    with wrapping(certs, engine, "--alpn", "x-test", "--", "sh", "-c", script) as wrapped:
+        context = ssl.create_default_context(cafile=str(certs.ca))
+        context.set_alpn_protocols(["x-test"])
+        plain = socket.create_connection(("127.0.0.1", wrapped.port), timeout=TIMEOUT)
+        with context.wrap_socket(plain, server_hostname="localhost") as tls:
+            local_port = tls.getsockname()[1]
+            text = read_all(tls).decode()
+    env = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+    assert env["PROTO"] == "TCP"
+    assert env["TCPREMOTEIP"] == "127.0.0.1"
+    assert env["TCPREMOTEPORT"] == str(local_port)
+    assert env["TCPLOCALPORT"] == str(wrapped.port)
+    assert env["TLS_VERSION"] == "TLSv1.3"
+    assert env["TLS_ALPN"] == "x-test"
+    assert env["TLS_SNI"] == "localhost"
+    assert env["KTLS_MODE"] == mode_of(engine)
+    fds = re.findall(r" (\d+) -> (.*)$", text, re.MULTILINE)
+    sockets = [fd for fd, target in fds if target.startswith("socket:")]
+    assert sockets == ["0", "1"], text
+    assert {fd for fd, _ in fds} <= {"0", "1", "2", "3"}, text  # (3: ls's own directory)
+
+
+def test_finger_style_responder_with_openssl_and_gnutls(certs: Certs, engine: str) -> None:
+    script = 'read name; echo "hello, $name"'
+    with wrapping(certs, engine, "--", "sh", "-c", script) as wrapped:
+        done = subprocess.run(
+            [
+                "openssl",
+                "s_client",
+                "-quiet",
+                "-CAfile",
+                str(certs.ca),
+                "-verify_return_error",
+                "-servername",
+                "localhost",
+                "-connect",
+                f"127.0.0.1:{wrapped.port}",
+            ],
+            input=b"openssl\n",
+            capture_output=True,
+            timeout=TIMEOUT,
+            check=False,
+        )
+        assert b"hello, openssl\n" in done.stdout, done.stderr
+        done = subprocess.run(
+            [
+                "gnutls-cli",
+                "--x509cafile",
+                str(certs.ca),
+                "--port",
+                str(wrapped.port),
+                "localhost",
+            ],
+            input=b"gnutls\n",
+            capture_output=True,
+            timeout=TIMEOUT,
+            check=False,
+        )
+        assert b"hello, gnutls\n" in done.stdout, done.stderr
+
+
+def test_program_that_exits_early_ends_the_connection_cleanly(certs: Certs, engine: str) -> None:
+    with wrapping(certs, engine, "--", "sh", "-c", "echo bye") as wrapped:
+        with ssl_client(certs, wrapped.port) as tls:
+            assert read_all(tls) == b"bye\n"  # then close_notify: a clean end
+        wrapped.wait_for_line(r"pid \d+ exited 0")
+
+
+def test_client_that_disconnects_early(certs: Certs, engine: str) -> None:
+    """A client that goes away (no close_notify) while cat waits: cat ends (an error
+    on its read), the wrapper reaps it, and keeps serving."""
+    with wrapping(certs, engine, "--", "cat") as wrapped:
+        tls = ssl_client(certs, wrapped.port)
+        tls.sendall(b"x" * 1000)
+        assert tls.recv(1000)
+        tls.close()  # Python's ssl sends no close_notify on close
+        wrapped.wait_for_line(r"pid \d+ exited")
+        with ssl_client(certs, wrapped.port) as tls:
+            tls.sendall(b"again")
+            assert tls.recv(100) == b"again"
+
+
+def test_many_connections_at_once(certs: Certs, engine: str) -> None:
+    results: list[bool] = []
+
+    def one(index: int) -> None:
+        data = f"connection {index}\n".encode() * 100
+        with ssl_client(certs, wrapped.port) as tls:
+            tls.sendall(data)
+            got = b""
+            while len(got) < len(data):
+                got += tls.recv(65536)
+            results.append(got == data)
+
+    with wrapping(certs, engine, "--max-conns", "100", "--", "cat") as wrapped:
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(50)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(TIMEOUT)
+        status, _ = wrapped.stop()
+    assert results == [True] * 50
+    assert status == 0
+
+
+# -- end of file: direct (EIO) and relay (clean EOF) --------------------------------------------
+
+
+def _half_close_exchange(certs: Certs, port: int) -> bytes:
+    """ktls's client (software engine): data, then close_notify, then read to the end."""
+    context = ktls.ClientContext(cafile=certs.ca, offload="software")
+    with context.connect(("127.0.0.1", port), server_hostname="localhost") as tls:
+        tls.sendall(b"line one\n")
+        tls.shutdown(socket.SHUT_WR)
+        return read_all(tls)
+
+
+@pytest.mark.kernel
+def test_direct_program_sees_eio_at_the_peers_close_notify(certs: Certs) -> None:
+    """Documented: on the socket itself a plain read of the peer's close_notify is an
+    error (EIO), not end of file; the program may still answer after it."""
+    script = 'cat; echo "cat: $?"'
+    with wrapping(certs, "kernel", "--", "sh", "-c", script) as wrapped:
+        answer = _half_close_exchange(certs, wrapped.port)
+    assert answer.startswith(b"line one\n")
+    assert answer.endswith(b"cat: 1\n")
+
+
+@pytest.mark.parametrize(
+    ("engine", "options"),
+    [
+        pytest.param("kernel", ("--relay",), marks=pytest.mark.kernel, id="kernel-relay"),
+        pytest.param("software", (), id="software"),
+    ],
+)
+def test_relay_program_sees_a_clean_end_of_file(
+    certs: Certs, engine: str, options: tuple[str, ...]
+) -> None:
+    script = 'cat; echo "cat: $?"'
+    with wrapping(certs, engine, *options, "--", "sh", "-c", script) as wrapped:
+        answer = _half_close_exchange(certs, wrapped.port)
+        wrapped.wait_for_line(r" relay: pid \d+")
+    assert answer == b"line one\ncat: 0\n"
+
+
+# -- the kernel's evidence ----------------------------------------------------------------------
+
+
+@pytest.mark.kernel
+def test_nothing_in_the_data_path(certs: Certs) -> None:
+    """16 MiB through cat and back: the kernel carries both directions (one TX and one
+    RX context for the server end) and the wrapper process moves none of the bytes."""
+    payload = os.urandom(16 * 1024 * 1024)
+    with wrapping(certs, "kernel", "--", "cat") as wrapped:
+        before = read_tls_stat()
+        read, written = wrapped.io("rchar"), wrapped.io("wchar")
+        with ssl_client(certs, wrapped.port) as tls:
+            sender = threading.Thread(target=tls.sendall, args=(payload,))
+            sender.start()
+            echoed = 0
+            while echoed < len(payload):
+                chunk = tls.recv(1 << 16)
+                assert chunk
+                echoed += len(chunk)
+            sender.join()
+            # (Before cat ends: a reaped child's I/O counts are added to its parent's.)
+            moved = wrapped.io("rchar") - read + wrapped.io("wchar") - written
+            tls.unwrap()
+        wrapped.wait_for_line(r"pid \d+ exited")
+        after = read_tls_stat()
+        assert before is not None
+        assert after is not None
+        assert after["TlsTxSw"] - before["TlsTxSw"] == 1
+        assert after["TlsRxSw"] - before["TlsRxSw"] == 1
+        assert moved < 1 << 20  # of the 32 MiB that went through cat
+
+
+# -- the command line ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--listen", "127.0.0.1:0"], "no program"),
+        (["--listen", "127.0.0.1:0", "--max-conns", "0", "--", "cat"], "--max-conns"),
+        (["--listen", "nonsense", "--", "cat"], "want [HOST]:PORT"),
+        (["--", "cat"], "give --listen"),
+        (
+            ["--listen", "127.0.0.1:0", "--verify-client", "required", "--", "cat"],
+            "--verify-client needs --client-ca",
+        ),
+    ],
+)
+def test_bad_usage_one_line_exit_2(certs: Certs, args: list[str], message: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "ktls", "wrap", "--cert", str(certs.server_ecdsa), *args],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == 2, done
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_client_certificates(certs: Certs, engine: str) -> None:
+    """--client-ca: the client's certificate subject and SHA-256 reach the program; a
+    client without one is refused in the handshake."""
+    script = 'echo "$TLS_PEER_SUBJECT $TLS_PEER_SHA256"'
+    args = ("--client-ca", str(certs.ca), "--", "sh", "-c", script)
+    with wrapping(certs, engine, *args) as wrapped:
+        context = ssl.create_default_context(cafile=str(certs.ca))
+        context.load_cert_chain(str(certs.client))
+        plain = socket.create_connection(("127.0.0.1", wrapped.port), timeout=TIMEOUT)
+        with context.wrap_socket(plain, server_hostname="localhost") as tls:
+            der = tls.getpeercert(binary_form=True)
+            assert der is not None
+            text = read_all(tls).decode()
+        client_pem = certs.client.read_bytes()
+        client = x509.load_pem_x509_certificates(client_pem)[0]
+        digest = hashlib.sha256(client.public_bytes(Encoding.DER)).hexdigest()
+        assert text == f"{client.subject.rfc4514_string()} {digest}\n"
+        with pytest.raises((ssl.SSLError, ConnectionError)), ssl_client(certs, wrapped.port) as tls:
+            read_all(tls)
+
+
+@pytest.mark.noktls
+def test_without_ktls_kernel_is_refused_and_auto_relays(certs: Certs) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ktls",
+            "wrap",
+            "--cert",
+            str(certs.server_ecdsa),
+            "--listen",
+            "127.0.0.1:0",
+            "--offload",
+            "kernel",
+            "--",
+            "cat",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stderr.startswith("ktls wrap: --offload kernel: no kernel TLS here: ")
+    with wrapping(certs, "auto", "--", "sh", "-c", "echo $KTLS_MODE") as wrapped:
+        with ssl_client(certs, wrapped.port) as tls:
+            assert read_all(tls) == b"relay\n"
+        wrapped.wait_for_line(r"tx=software rx=software relay")
