@@ -401,3 +401,62 @@ def test_without_ktls_kernel_is_refused_and_auto_relays(certs: Certs) -> None:
         with ssl_client(certs, wrapped.port) as tls:
             assert read_all(tls) == b"relay\n"
         wrapped.wait_for_line(r"tx=software rx=software relay")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="--user needs root")  # (CI and UML: root)
+def test_program_runs_as_another_user(certs: Certs, engine: str) -> None:
+    script = 'echo "$(id -u) $(id -g) $(id -G)"'
+    args = ("--user", "nobody", "--group", "nogroup", "--", "sh", "-c", script)
+    with wrapping(certs, engine, *args) as wrapped, ssl_client(certs, wrapped.port) as tls:
+        answer = read_all(tls).decode().split()
+    nobody = subprocess.run(["id", "-u", "nobody"], capture_output=True, text=True, check=True)
+    assert answer[0] == nobody.stdout.strip()
+    assert answer[0] != "0"
+    assert "0" not in answer[2:]  # root's supplementary groups are gone
+
+
+def test_systemd_socket_activation(certs: Certs, engine: str) -> None:
+    """No --listen: the socket systemd passes as fd 3 (LISTEN_PID, LISTEN_FDS), and the
+    program does not see those variables."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    # What systemd does: the socket as fd 3, LISTEN_PID the service's own pid.
+    launcher = (
+        "import os, sys\n"
+        "fd = int(sys.argv[1])\n"
+        "os.dup2(fd, 3)\n"
+        "os.close(fd)\n"
+        "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1')\n"
+        "os.execv(sys.executable, [sys.executable, '-m', 'ktls', 'wrap', *sys.argv[2:]])\n"
+    )
+    program = "echo activated; env | grep -c ^LISTEN_ || true"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            launcher,
+            str(listener.fileno()),
+            "--cert",
+            str(certs.server_ecdsa),
+            "--offload",
+            engine,
+            "--",
+            "sh",
+            "-c",
+            program,
+        ],
+        pass_fds=[listener.fileno()],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    listener.close()
+    try:
+        assert process.stderr is not None
+        assert f"listening on 127.0.0.1:{port}," in process.stderr.readline()
+        with ssl_client(certs, port) as tls:
+            assert read_all(tls) == b"activated\n0\n"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(TIMEOUT) == 0
+        assert process.stderr is not None
+        process.stderr.close()
