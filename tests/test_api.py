@@ -19,7 +19,7 @@ import ktls.kernel
 import ktls.protection
 from ktls import AlertDescription
 
-from .conftest import assert_engine
+from .conftest import assert_engine, rekey_expected
 from .peers import (
     Certs,
     echo_until_close,
@@ -653,3 +653,66 @@ def test_server_identities_chosen_by_sni(certs: Certs, engine: str, tmp_path: Pa
                 x509.SubjectAlternativeName
             )
             assert expected in san.value.get_values_for_type(x509.DNSName), name
+
+
+@pytest.mark.parametrize("version", ["TLSv1.2", "TLSv1.3"])
+def test_hand_off_and_adopt_continue_the_connection(
+    certs: Certs, engine: str, version: str
+) -> None:
+    """A handshake in one object (software engine), the socket and its hand-off value
+    given to another (as ktls handshaked does between processes): data both ways,
+    a KeyUpdate (TLS 1.3) and close_notify go on as if nothing happened."""
+    daemon = ktls.ServerContext(certs.server_ecdsa, offload="software", alpn_protocols=["x"])
+    client_ctx = ktls.ClientContext(
+        cafile=certs.ca, offload="software", alpn_protocols=["x"],
+        minimum_version=version, maximum_version=version,
+    )  # fmt: skip
+    with daemon.listen(("127.0.0.1", 0)) as listener:
+
+        def serve() -> bytes:
+            handshaken, _ = listener.accept()
+            sock, session = handshaken.hand_off()
+            handshaken.close()  # sends nothing: the connection is no longer its
+            adopted = ktls.TLSSocket.adopt(sock, session, offload=engine)  # type: ignore[arg-type]
+            with adopted:
+                assert_engine(adopted, engine)
+                assert adopted.selected_alpn_protocol() == "x"
+                got = b""
+                while chunk := adopted.recv(65536):
+                    got += chunk
+                    adopted.sendall(chunk)
+                return got
+
+        peer = run_in_thread(serve)
+        with client_ctx.connect(listener.getsockname(), server_hostname="localhost") as tls:
+            tls.sendall(b"before")
+            assert tls.recv(6) == b"before"
+            if version == "TLSv1.3" and rekey_expected(engine):
+                tls.key_update(request_peer=True)
+                tls.sendall(b"after")
+                assert tls.recv(5) == b"after"
+                assert tls.key_generation[1] == 1  # the adopted side answered
+            tls.shutdown(socket.SHUT_WR)  # close_notify
+            assert tls.recv(100) == b""  # the adopted side's close_notify
+        assert peer.join().startswith(b"before")
+
+
+def test_hand_off_refuses_a_connection_in_use(certs: Certs) -> None:
+    """Bytes read but not returned yet can't travel with the socket: refused."""
+    context = ktls.ServerContext(certs.server_ecdsa, offload="software")
+    with context.listen(("127.0.0.1", 0)) as listener:
+
+        def connect() -> None:
+            client = ktls.ClientContext(cafile=certs.ca, offload="software")
+            with client.connect(listener.getsockname(), server_hostname="localhost") as tls:
+                tls.sendall(b"xy")
+                tls.recv(1)
+
+        peer = run_in_thread(connect)
+        tls, _ = listener.accept()
+        with tls:
+            assert tls.recv(1) == b"x"  # "y" waits in the object
+            with pytest.raises(ValueError, match="only right after the handshake"):
+                tls.hand_off()
+            tls.sendall(b"z")
+        peer.join()

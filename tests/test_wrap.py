@@ -115,6 +115,19 @@ def read_all(tls: ssl.SSLSocket | ktls.TLSSocket) -> bytes:
     return data
 
 
+def echo_through(tls: ssl.SSLSocket, payload: bytes) -> bytes:
+    """Send ``payload`` 64 KiB at a time, reading each piece's echo before the next (an
+    SSLSocket must not be read and written by two threads at once)."""
+    echoed = bytearray()
+    for start in range(0, len(payload), 1 << 16):
+        tls.sendall(payload[start : start + (1 << 16)])
+        while len(echoed) < min(len(payload), start + (1 << 16)):
+            chunk = tls.recv(1 << 16)
+            assert chunk, "the echo ended early"
+            echoed += chunk
+    return bytes(echoed)
+
+
 def mode_of(engine: str) -> str:
     return "direct" if engine == "kernel" else "relay"
 
@@ -128,14 +141,7 @@ def test_cat_echoes_every_byte(certs: Certs, engine: str) -> None:
     payload = os.urandom(4 * 1024 * 1024)
     with wrapping(certs, engine, "--", "cat") as wrapped:
         with ssl_client(certs, wrapped.port) as tls:
-            sender = threading.Thread(target=tls.sendall, args=(payload,))
-            sender.start()
-            echoed = b""
-            while len(echoed) < len(payload):
-                chunk = tls.recv(1 << 16)
-                assert chunk
-                echoed += chunk
-            sender.join()
+            echoed = echo_through(tls, payload)
             tls.unwrap()  # close_notify both ways
         assert hashlib.sha256(echoed).digest() == hashlib.sha256(payload).digest()
         wrapped.wait_for_line(rf"tx={engine} rx={engine} {mode_of(engine)}: pid \d+")
@@ -303,14 +309,7 @@ def test_nothing_in_the_data_path(certs: Certs) -> None:
         before = read_tls_stat()
         read, written = wrapped.io("rchar"), wrapped.io("wchar")
         with ssl_client(certs, wrapped.port) as tls:
-            sender = threading.Thread(target=tls.sendall, args=(payload,))
-            sender.start()
-            echoed = 0
-            while echoed < len(payload):
-                chunk = tls.recv(1 << 16)
-                assert chunk
-                echoed += len(chunk)
-            sender.join()
+            assert echo_through(tls, payload) == payload
             # (Before cat ends: a reaped child's I/O counts are added to its parent's.)
             moved = wrapped.io("rchar") - read + wrapped.io("wchar") - written
             tls.unwrap()

@@ -36,7 +36,7 @@ from .software import SoftwareRx, SoftwareTx
 from .suites import Cipher
 from .wire import AlertDescription, ContentType, ProtocolVersion
 
-__all__ = ["Handshake", "Offload", "install", "prepare"]
+__all__ = ["Handshake", "Offload", "attach", "engines", "install", "prepare"]
 
 log = logging.getLogger("ktls")
 
@@ -70,24 +70,7 @@ def prepare(
     session: SSL.Session | None = None,
 ) -> Handshake:
     """Step 1: attach the ULP when the kernel has it, set up OpenSSL and the driver."""
-    ulp = False
-    if offload != "software":
-        missing = ulp_error()
-        if missing is None:
-            try:
-                attach_ulp(sock)
-                ulp = True
-            except ULPUnavailable as exc:
-                # ENOTCONN: the peer is gone already (it hung up right after connecting).
-                # That is the handshake's failure to report, the same on every engine.
-                if not isinstance(exc.__cause__, OSError) or (
-                    exc.__cause__.errno != errno.ENOTCONN
-                ):
-                    raise
-        elif offload == "kernel":
-            raise ULPUnavailable(missing)
-        else:
-            log.info("software engine: %s", missing)
+    ulp = attach(sock, offload)
     conn = SSL.Connection(ssl_context, None)
     if server_hostname and role is Role.CLIENT and not is_ip_address(server_hostname):
         conn.set_tlsext_host_name(server_hostname.encode("idna"))  # RFC 6066: no IPs
@@ -100,6 +83,28 @@ def prepare(
     return Handshake(sock, conn, driver, offload, ulp)
 
 
+def attach(sock: socket.socket, offload: Offload) -> bool:
+    """Attach the TLS ULP unless ``offload`` is "software" or the kernel has none
+    (ULPUnavailable then, with ``offload="kernel"``); whether it is attached."""
+    if offload == "software":
+        return False
+    missing = ulp_error()
+    if missing is not None:
+        if offload == "kernel":
+            raise ULPUnavailable(missing)
+        log.info("software engine: %s", missing)
+        return False
+    try:
+        attach_ulp(sock)
+    except ULPUnavailable as exc:
+        # ENOTCONN: the peer is gone already (it hung up right after connecting).
+        # That is the handshake's failure to report, the same on every engine.
+        if not isinstance(exc.__cause__, OSError) or exc.__cause__.errno != errno.ENOTCONN:
+            raise
+        return False
+    return True
+
+
 def install(handshake: Handshake) -> tuple[TxEngine, RxEngine]:
     """Step 3: the engines for the completed handshake.
 
@@ -108,14 +113,38 @@ def install(handshake: Handshake) -> tuple[TxEngine, RxEngine]:
     ``handshake.abort_engine`` when any engine can still seal it.
     """
     session = handshake.driver.session
-    sock, version, cipher = handshake.sock, session.version, session.suite.cipher
+    sock = handshake.sock
+    built: list[TxEngine] = []
+    try:
+        return engines(sock, session, handshake.offload, handshake.ulp, built)
+    except (KernelUnsupported, SoftwareUnsupported):
+        handshake.abort_engine = built[0] if built else _software_tx(sock, session)
+        if handshake.abort_engine is not None:
+            handshake.abort_engine.queue_record(
+                ContentType.ALERT, encode_alert(AlertDescription.INTERNAL_ERROR)
+            )
+        raise
+
+
+def engines(
+    sock: socket.socket,
+    session: Session,
+    offload: Offload,
+    ulp: bool,
+    built: list[TxEngine] | None = None,
+) -> tuple[TxEngine, RxEngine]:
+    """The sending and receiving engines for ``session`` on ``sock``: per direction the
+    kernel when the ULP is attached and it takes the keys, else (unless ``offload`` is
+    "kernel") the software engine.  ``built`` receives the sending engine as soon as
+    it exists (for an alert when the receiving one fails)."""
+    version, cipher = session.version, session.suite.cipher
 
     def engine(kernel: _Factory[_E], software: _Factory[_E], keys: TrafficKeys, what: str) -> _E:
-        if handshake.ulp:
+        if ulp:
             try:
                 return kernel(sock, version, cipher, keys)
             except KernelUnsupported as exc:
-                if handshake.offload == "kernel":
+                if offload == "kernel":
                     raise
                 log.info("%s on the software engine: %s", what, exc)
         if not software_supports(cipher):
@@ -125,18 +154,10 @@ def install(handshake: Handshake) -> tuple[TxEngine, RxEngine]:
             )
         return software(sock, version, cipher, keys)
 
-    tx: TxEngine | None = None
-    try:
-        tx = engine(KernelTx, SoftwareTx, session.tx, "TX")
-        rx: RxEngine = engine(KernelRx, SoftwareRx, session.rx, "RX")
-    except (KernelUnsupported, SoftwareUnsupported):
-        handshake.abort_engine = tx or _software_tx(sock, session)
-        if handshake.abort_engine is not None:
-            handshake.abort_engine.queue_record(
-                ContentType.ALERT, encode_alert(AlertDescription.INTERNAL_ERROR)
-            )
-        raise
-    return tx, rx
+    tx = engine(KernelTx, SoftwareTx, session.tx, "TX")
+    if built is not None:
+        built.append(tx)
+    return tx, engine(KernelRx, SoftwareRx, session.rx, "RX")
 
 
 def _software_tx(sock: socket.socket, session: Session) -> TxEngine | None:

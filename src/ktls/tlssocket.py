@@ -127,13 +127,22 @@ class TLSSocket:
     #: Seconds close() may wait for close_notify to leave (the peer may not be reading).
     close_timeout: float = 1.0
 
+    _pending: handoff.Handshake | None  # the handshake still to do
+    _handshake_timeout: float | None
+
     def __init__(self, handshake: handoff.Handshake, *, handshake_timeout: float | None) -> None:
-        self._sock = handshake.sock
-        self._pending: handoff.Handshake | None = handshake
+        self._setup(handshake.sock, handshake.conn)
+        self._pending = handshake
         self._handshake_timeout = handshake_timeout
+
+    def _setup(self, sock: socket.socket, conn: SSL.Connection | None) -> None:
+        self._sock = sock
+        self._pending = None
+        self._handshake_timeout = None
         self._handshake_failure: KTLSError | None = None
         self._tickets: TicketSink | None = None  # TLS 1.3 client: for session
-        self._conn = handshake.conn
+        self._conn = conn  # (None: adopted, the handshake was elsewhere)
+        self._adopted_peer: x509.Certificate | None = None
         self._timeout = self._sock.gettimeout()
         self._core: Connection | None = None
         self._tx: TxEngine | None = None
@@ -149,6 +158,47 @@ class TLSSocket:
         self._closed = False
         self._io_refs = 0  # makefile() files still open
         self._taken_in = 0  # bytes read and dropped while closing
+
+    @classmethod
+    def adopt(
+        cls,
+        sock: socket.socket,
+        session: Session,
+        *,
+        offload: handoff.Offload = "auto",
+        peer_certificate: x509.Certificate | None = None,
+    ) -> TLSSocket:
+        """A connection whose handshake another process did (``ktls handshaked``): the
+        TCP socket, with nothing read or sent past the handshake, and its hand-off value
+        (keys and sequence numbers as the handshake left them).  The engines are
+        installed here as after a handshake of our own, and from then on it is an
+        ordinary TLSSocket (close_notify, alerts, KeyUpdate); it only has no OpenSSL
+        session to resume from."""
+        ulp = handoff.attach(sock, offload)
+        tx, rx = handoff.engines(sock, session, offload, ulp)
+        self = cls.__new__(cls)
+        self._setup(sock, None)
+        self._tx, self._rx = tx, rx
+        self._core = Connection(session)
+        self._adopted_peer = peer_certificate
+        return self
+
+    def hand_off(self) -> tuple[socket.socket, Session]:
+        """Give the connection to another process (``ktls handshaked`` to a worker):
+        the TCP socket and the hand-off value, for :meth:`adopt` there.  Only right
+        after the handshake, before any data, on the software engine both ways (keys
+        in the kernel can't be moved).  This object owns nothing afterwards: closing it
+        sends nothing, and the caller closes the socket once it has passed it on."""
+        core = self._established()
+        tx, rx = self._tx, self._rx
+        assert tx is not None
+        assert rx is not None
+        if tx.name != "software" or rx.name != "software":
+            raise ValueError("hand_off needs a connection on the software engine both ways")
+        if core.has_output or tx.queued or self._unread or core.failure is not None:
+            raise ValueError("hand_off only right after the handshake, before any data")
+        self._closed = True
+        return self._sock, core.session
 
     def _confine_to_one_thread(self) -> None:
         """For an event loop that owns this socket: every call comes from its thread, so
@@ -372,7 +422,7 @@ class TLSSocket:
         """
         if self._tickets is not None:
             self._tickets.deliver()
-        return self._conn.get_session()
+        return None if self._conn is None else self._conn.get_session()
 
     @property
     def session_reused(self) -> bool:
@@ -383,6 +433,8 @@ class TLSSocket:
     def peer_certificate(self) -> x509.Certificate | None:
         if self._core is None:
             return None
+        if self._conn is None:
+            return self._adopted_peer
         return self._conn.get_peer_certificate(as_cryptography=True)
 
     def getpeercert(self, binary_form: bool = False) -> dict[str, Any] | bytes | None:
