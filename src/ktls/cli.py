@@ -1,4 +1,4 @@
-"""The ``ktls`` command: ``ktls probe``, ``ktls connect``, ``ktls serve``, ``ktls wrap``."""
+"""The ``ktls`` command: ``probe``, ``connect``, ``serve``, ``wrap`` and ``handshaked``."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from .errors import (
     ProtocolViolation,
     SoftwareUnsupported,
 )
+from .handshaked import main as handshaked_main
 from .kernel import KernelCapabilities, capabilities, read_tls_stat
 from .serve import main as serve_main
 from .suites import CIPHERS
@@ -327,6 +328,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     wrap.add_arguments(wrap_parser)
     wrap_parser.set_defaults(func=wrap.run)
+
+    daemon_parser = commands.add_parser(
+        "handshaked",
+        help="do TLS handshakes with keys only this daemon reads; hand the connections "
+        "to worker processes",
+        description="Listen for TLS clients, do each handshake here (the only process "
+        "that reads the private key), and hand the finished connection -- its socket "
+        "and its traffic keys, never the private key -- to a worker registered on the "
+        "Unix socket (ktls.handshaked.Worker), which puts it into the kernel.",
+    )
+    handshaked_main.add_arguments(daemon_parser)
+    daemon_parser.set_defaults(func=handshaked_main.run)
     return parser
 
 

@@ -46,7 +46,7 @@ class UsageError(Exception):
     """A bad option: one line, exit status 2."""
 
 
-def _address(text: str) -> tuple[str, int]:
+def address_option(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r}: want [HOST]:PORT")
@@ -56,7 +56,7 @@ def _address(text: str) -> tuple[str, int]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--listen",
-        type=_address,
+        type=address_option,
         metavar="[HOST]:PORT",
         help="address to listen on (':8443' is every IPv4 address); without it, the "
         "socket systemd passes (LISTEN_FDS)",
