@@ -5,6 +5,7 @@ daemon restarts and each other's deaths, and can't read the key the daemon used.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -23,7 +24,9 @@ from pathlib import Path
 
 import pytest
 
+from ktls import asyncio as kasyncio
 from ktls.handshaked import codec
+from ktls.handshaked.worker import Worker
 
 from .peers import Certs
 
@@ -232,6 +235,30 @@ def test_hostile_messages_on_the_control_socket(certs: Certs, engine: str) -> No
         assert setup.daemon.process.poll() is None
 
 
+def test_asyncio_worker(certs: Certs, engine: str) -> None:
+    """Worker.accept_async and ktls.asyncio.adopt_streams: the same connection on an
+    event loop, answering curl."""
+
+    async def main(setup: Setup) -> str:
+        with Worker(setup.control, name="aio", offload=engine) as worker:  # type: ignore[arg-type]
+            answer = asyncio.create_task(asyncio.to_thread(curl, certs, setup.port))
+            tls, message = await asyncio.wait_for(worker.accept_async(), TIMEOUT)
+            assert message.peer_address[0] == "127.0.0.1"
+            reader, writer = await kasyncio.adopt_streams(tls)
+            assert writer.get_extra_info("tx_engine") == engine
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"GET / HTTP/1.1")
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: close\r\n\r\nasync\n"
+            )
+            await writer.drain()
+            writer.close()
+            await writer.wait_closed()
+            return await answer
+
+    with handshaked(certs) as setup:
+        assert asyncio.run(main(setup)) == "async\n"
+
+
 def test_bad_usage(certs: Certs) -> None:
     done = subprocess.run(
         [
@@ -253,3 +280,16 @@ def test_bad_usage(certs: Certs) -> None:
     )
     assert done.returncode == 2
     assert done.stderr.startswith("ktls handshaked: cannot listen on /nonexistent/dir/sock")
+
+
+@ROOT_ONLY
+def test_daemon_drops_privileges_after_reading_the_key(certs: Certs) -> None:
+    with handshaked(certs, "--user", "nobody") as setup:
+        status = Path(f"/proc/{setup.daemon.process.pid}/status").read_text()
+        nobody = subprocess.run(["id", "-u", "nobody"], capture_output=True, text=True, check=True)
+        uids = re.search(r"^Uid:\s+(\d+)\s+(\d+)\s+(\d+)", status, re.MULTILINE)
+        assert uids is not None
+        assert set(uids.groups()) == {nobody.stdout.strip()}  # real, effective, saved
+        worker = setup.worker("one", "software", user=None)
+        worker.wait_for("registered")
+        assert curl(certs, setup.port).startswith("one ")  # the key it read as root

@@ -459,3 +459,28 @@ def test_systemd_socket_activation(certs: Certs, engine: str) -> None:
         assert process.wait(TIMEOUT) == 0
         assert process.stderr is not None
         process.stderr.close()
+
+
+def test_max_conns_holds_back_the_next_handshake(certs: Certs, engine: str) -> None:
+    """--max-conns 1: a second client waits in the backlog (no handshake) until the
+    first connection's program is done."""
+    with wrapping(certs, engine, "--max-conns", "1", "--", "sh", "-c", "read x; echo $x") as w:
+        first = ssl_client(certs, w.port)
+        second_done = threading.Event()
+        answers: list[bytes] = []
+
+        def second() -> None:
+            with ssl_client(certs, w.port) as tls:
+                second_done.set()
+                tls.sendall(b"two\n")
+                answers.append(read_all(tls))
+
+        thread = threading.Thread(target=second)
+        thread.start()
+        assert not second_done.wait(1.5)  # held back
+        with first:
+            first.sendall(b"one\n")
+            assert read_all(first) == b"one\n"
+        thread.join(TIMEOUT)
+        assert second_done.is_set()
+        assert answers == [b"two\n"]

@@ -152,7 +152,7 @@ class TLSTransport(asyncio.transports._FlowControlMixin):
         loop: asyncio.AbstractEventLoop,
         tls: TLSSocket,
         protocol: asyncio.BaseProtocol,
-        context: ClientContext | ServerContext,
+        context: ClientContext | ServerContext | None,
         server: TLSServer | None = None,
     ) -> None:
         super().__init__(loop=loop)  # write buffer limits: asyncio's defaults
@@ -746,6 +746,19 @@ def _detach_plain(transport: asyncio.BaseTransport) -> socket.socket:
     sock = socket.socket(raw.family, raw.type, raw.proto, fileno=os.dup(raw.fileno()))
     transport.abort()  # closes its fd; ours goes on
     return sock
+
+
+async def adopt_streams(
+    tls: TLSSocket, *, limit: int = 2**16
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Streams over a connection whose handshake is done already (a
+    :meth:`TLSSocket.adopt`-ed one, as a ``ktls handshaked`` worker receives it)."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=limit, loop=loop)
+    protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+    transport = TLSTransport(loop, tls, protocol, None)
+    transport._start()
+    return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
 
 
 async def open_connection(

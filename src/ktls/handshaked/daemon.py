@@ -163,6 +163,13 @@ class Daemon:
         self._stopping.set()
 
     def _connection(self, sock: socket.socket, address: tuple[str, int]) -> None:
+        try:
+            self._hand_over(sock, address)
+        except Exception:  # a bug of ours: this connection only, and said loudly
+            log.exception("%s:%s: internal error", *address[:2])
+            sock.close()
+
+    def _hand_over(self, sock: socket.socket, address: tuple[str, int]) -> None:
         peer = f"{address[0]}:{address[1]}"
         try:
             tls = self.context.wrap_socket(sock, do_handshake_on_connect=False)

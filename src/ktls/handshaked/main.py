@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import grp
 import logging
@@ -174,6 +175,10 @@ def _run(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     control = _control_socket(args.socket, args.socket_mode)
+    if run_uid is not None or run_gid is not None:
+        # What Python loads on first use must be loaded while the interpreter's files
+        # are surely readable: the idna codec, which names in a handshake need.
+        codecs.lookup("idna")
     if run_gid is not None:
         os.chown(args.socket, -1, run_gid)
         os.setgroups([])

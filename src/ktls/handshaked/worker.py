@@ -3,6 +3,7 @@ as ordinary ktls sockets (no private key ever reaches this process)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 from pathlib import Path
@@ -15,6 +16,11 @@ from ..tlssocket import TLSSocket
 from . import codec
 
 __all__ = ["Worker"]
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class Worker:
@@ -52,6 +58,26 @@ class Worker:
 
     def accept(self) -> tuple[TLSSocket, codec.Connection]:
         """The next connection (blocking); ClosedError when the daemon went away."""
+        self._sock.setblocking(True)
+        return self._take()
+
+    async def accept_async(self) -> tuple[TLSSocket, codec.Connection]:
+        """The next connection, without blocking the event loop.  For streams on it:
+        ``await ktls.asyncio.adopt_streams(tls)``."""
+        loop = asyncio.get_running_loop()
+        self._sock.setblocking(False)
+        while True:
+            try:
+                return self._take()
+            except BlockingIOError:
+                waiter: asyncio.Future[None] = loop.create_future()
+                loop.add_reader(self._sock.fileno(), _wake, waiter)
+                try:
+                    await waiter
+                finally:
+                    loop.remove_reader(self._sock.fileno())
+
+    def _take(self) -> tuple[TLSSocket, codec.Connection]:
         data, fds, _flags, _address = socket.recv_fds(self._sock, codec.MAX_MESSAGE, 1)
         sock = socket.socket(fileno=fds[0]) if fds else None
         try:
