@@ -30,6 +30,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from .command import UsageError, add_version_options, address_option, run_command
 from .context import ServerContext
 from .errors import KTLSError
 from .kernel import capabilities
@@ -37,20 +38,8 @@ from .tlssocket import TLSSocket
 
 __all__ = ["add_arguments", "run"]
 
-EXIT_USAGE = 2
 log = logging.getLogger("ktls.wrap")
 _RELAY_CHUNK = 1 << 16
-
-
-class UsageError(Exception):
-    """A bad option: one line, exit status 2."""
-
-
-def address_option(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r}: want [HOST]:PORT")
-    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -84,13 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PROTO",
         help="ALPN protocol to accept (repeatable, in preference order)",
     )
-    versions = parser.add_mutually_exclusive_group()
-    versions.add_argument(
-        "--tls1.2", dest="version", action="store_const", const="TLSv1.2", help="TLS 1.2 only"
-    )
-    versions.add_argument(
-        "--tls1.3", dest="version", action="store_const", const="TLSv1.3", help="TLS 1.3 only"
-    )
+    add_version_options(parser)
     parser.add_argument(
         "--offload",
         choices=("auto", "kernel", "software"),
@@ -352,12 +335,7 @@ def _listener(args: argparse.Namespace) -> socket.socket:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.WARNING, format="ktls wrap: %(message)s")
-    try:
-        return _run(args)
-    except UsageError as exc:
-        print(f"ktls wrap: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    return run_command("wrap", _run, args)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -6,7 +6,6 @@ import argparse
 import codecs
 import contextlib
 import grp
-import logging
 import os
 import pwd
 import signal
@@ -15,18 +14,12 @@ import stat
 import sys
 from pathlib import Path
 
+from ..command import UsageError, add_version_options, address_option, run_command
 from ..context import ServerContext
 from ..errors import KTLSError
-from ..wrap import address_option
 from .daemon import Daemon
 
 __all__ = ["add_arguments", "run"]
-
-EXIT_USAGE = 2
-
-
-class UsageError(Exception):
-    """A bad option: one line, exit status 2."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,13 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--alpn", action="append", metavar="PROTO", help="ALPN protocol to accept (repeatable)"
     )
-    versions = parser.add_mutually_exclusive_group()
-    versions.add_argument(
-        "--tls1.2", dest="version", action="store_const", const="TLSv1.2", help="TLS 1.2 only"
-    )
-    versions.add_argument(
-        "--tls1.3", dest="version", action="store_const", const="TLSv1.3", help="TLS 1.3 only"
-    )
+    add_version_options(parser)
     parser.add_argument(
         "--handshake-timeout",
         type=float,
@@ -132,12 +119,7 @@ def _control_socket(path: Path, mode: int) -> socket.socket:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.WARNING, format="ktls handshaked: %(message)s")
-    try:
-        return _run(args)
-    except UsageError as exc:
-        print(f"ktls handshaked: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    return run_command("handshaked", _run, args)
 
 
 def _run(args: argparse.Namespace) -> int:

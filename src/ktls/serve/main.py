@@ -9,7 +9,6 @@ import datetime
 import hashlib
 import ipaddress
 import json
-import logging
 import os
 import resource
 import signal
@@ -26,18 +25,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from .. import asyncio as kasyncio
+from ..command import UsageError, add_version_options, run_command
 from ..context import ServerContext
 from ..errors import KTLSError
 from ..kernel import capabilities, read_tls_stat
 from .server import FileServer, Limits, Stats
 
 __all__ = ["add_arguments", "run"]
-
-EXIT_USAGE = 2
-
-
-class UsageError(Exception):
-    """A bad option or unusable file: one line, exit status 2."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,13 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="record engine: auto (kernel where it can), kernel (refuse otherwise), software",
     )
-    versions = parser.add_mutually_exclusive_group()
-    versions.add_argument(
-        "--tls1.2", dest="version", action="store_const", const="TLSv1.2", help="TLS 1.2 only"
-    )
-    versions.add_argument(
-        "--tls1.3", dest="version", action="store_const", const="TLSv1.3", help="TLS 1.3 only"
-    )
+    add_version_options(parser)
     parser.add_argument(
         "--no-listing",
         dest="listing",
@@ -347,11 +335,7 @@ def _raise_fd_limit(max_connections: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except UsageError as exc:
-        print(f"ktls serve: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    return run_command("serve", _run, args)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -374,7 +358,6 @@ def _run(args: argparse.Namespace) -> int:
     if args.max_connections < 1:
         raise UsageError("--max-connections must be at least 1")
     _raise_fd_limit(args.max_connections)
-    logging.basicConfig(level=logging.WARNING, format="ktls serve: %(message)s")
     say: Callable[[str], None] = (lambda _line: None) if args.quiet else print
     with contextlib.ExitStack() as cleanup:
         if not certs:
