@@ -5,9 +5,10 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 KERNEL := $(PYTHON) tools/testkernel.py
 # Debian packages the tests use: openssl, gnutls-bin and curl are real peers; nginx and wrk
-# are the serve benchmark's reference server and load; the rest run the UML test kernels
-# (tools/testkernel.py provision installs those itself too).
-DEBS   := openssl gnutls-bin curl user-mode-linux kmod iproute2 patchelf nginx wrk
+# are the serve benchmark's reference server and load, stunnel4 the wrap benchmark's
+# reference; the rest run the UML test kernels (tools/testkernel.py provision installs
+# those itself too).
+DEBS   := openssl gnutls-bin curl user-mode-linux kmod iproute2 patchelf nginx wrk stunnel4
 
 .PHONY: test serve demo probe lint types host-tests kernel-tests bench bench-check setup system clean
 

@@ -16,6 +16,7 @@ SUITES = {
     "core": "bench.core",
     "asyncio": "bench.aio",
     "serve": "bench.serve",
+    "wrap": "bench.wrap",
 }
 
 

@@ -128,9 +128,7 @@ def wrk(port: int, name: str, duration: int) -> Wrk:
     return result
 
 
-def _tls_delta(
-    before: dict[str, int] | None, after: dict[str, int] | None
-) -> dict[str, int] | None:
+def tls_delta(before: dict[str, int] | None, after: dict[str, int] | None) -> dict[str, int] | None:
     if before is None or after is None:
         return None  # no tls module here: no kernel TLS at all
     return {k: after[k] - before.get(k, 0) for k in after if not k.startswith("TlsCurr")}
@@ -164,7 +162,7 @@ def measure(server: ServerName, workload: Workload, cfg: Config) -> Sample:
         result = wrk(running.port, path.name, seconds(cfg))
         cpu, stat1 = running.cpu() - cpu0, read_tls_stat()
         version, cipher = running.handshake
-    delta = _tls_delta(stat0, stat1)
+    delta = tls_delta(stat0, stat1)
     engaged = _check_evidence(server, delta)
     if workload == "small":
         value = result.requests / result.seconds

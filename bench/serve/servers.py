@@ -38,7 +38,7 @@ ServerName = Literal["ktls", "nginx-ktls", "nginx", "http.server"]
 STARTUP_SECONDS = 60.0  # UML takes seconds to start a Python server
 STOP_SECONDS = 10.0
 HTTP_SERVER = Path(__file__).with_name("http_server.py")
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 _SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")  # nginx's home, often not on PATH
 _PEM = re.compile(r"-----BEGIN ([A-Z0-9 ]+)-----\n.*?-----END \1-----\n?", re.DOTALL)
 
@@ -126,7 +126,7 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
@@ -266,7 +266,7 @@ class Server:
     def __init__(self, name: ServerName, run: Path) -> None:
         self.name = name
         self.run = run
-        self.port = _free_port()
+        self.port = free_port()
         self.command = _command(name, self.port, run)
         self.log = run / "server.log"
         with self.log.open("wb") as log:
@@ -284,8 +284,8 @@ class Server:
         """CPU time of the server's process group so far (user, system)."""
         members = _group_members(self.process.pid).values()
         return Cpu(
-            sum(user for user, _ in members) / _CLK_TCK,
-            sum(system for _, system in members) / _CLK_TCK,
+            sum(user for user, _ in members) / CLK_TCK,
+            sum(system for _, system in members) / CLK_TCK,
         )
 
     def logs(self) -> str:
