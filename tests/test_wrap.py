@@ -484,3 +484,19 @@ def test_max_conns_holds_back_the_next_handshake(certs: Certs, engine: str) -> N
         thread.join(TIMEOUT)
         assert second_done.is_set()
         assert answers == [b"two\n"]
+
+
+def test_handshake_timeout_drops_a_silent_client(certs: Certs, engine: str) -> None:
+    """A client that connects and says nothing is dropped after --handshake-timeout,
+    and holds up no one meanwhile."""
+    with wrapping(certs, engine, "--handshake-timeout", "1", "--", "echo", "hi") as wrapped:
+        silent = socket.create_connection(("127.0.0.1", wrapped.port), timeout=TIMEOUT)
+        with silent:
+            started = time.monotonic()
+            with ssl_client(certs, wrapped.port) as tls:  # served meanwhile
+                assert read_all(tls) == b"hi\n"
+            silent.settimeout(10)
+            with contextlib.suppress(ConnectionResetError):
+                assert silent.recv(100) == b""
+            assert time.monotonic() - started < 5
+        wrapped.wait_for_line(r"handshake failed: .*timed out")
