@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import re
 import socket
 import ssl
@@ -17,6 +18,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 OPENSSL_TLS12_NAMES = {
     "AES-128-GCM": "ECDHE-RSA-AES128-GCM-SHA256",
@@ -391,3 +394,20 @@ class GnuTLSServer(PeerProcess):
     @property
     def address(self) -> tuple[str, int]:
         return "127.0.0.1", self.port
+
+
+def io_counter(process: str, name: str) -> int:
+    """One of the kernel's I/O counters of a process ("self", "thread-self" or a pid):
+    rchar, wchar, syscr, syscw... (/proc/PID/io)."""
+    for line in Path(f"/proc/{process}/io").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key == name:
+            return int(value)
+    raise AssertionError(f"no {name} in /proc/{process}/io")
+
+
+def require_root(why: str) -> None:
+    """Fail (never skip: some of these run on the kernel engine) where the test can't
+    do what it must; `make test` runs as root, on the host and in the UML kernels."""
+    if os.geteuid() != 0:
+        pytest.fail(f"this test needs root ({why}); run it as `make test` does", pytrace=False)

@@ -29,7 +29,7 @@ import ktls.asyncio as kasyncio
 from ktls.kernel import read_tls_stat
 
 from .conftest import assert_engine
-from .peers import Certs, python_ssl_context
+from .peers import Certs, io_counter, python_ssl_context
 
 LOOPS = ["asyncio", "uvloop"]
 
@@ -528,13 +528,6 @@ def test_asyncio_sendfile_is_sendfile_on_the_kernel(certs: Certs, run: Any, tmp_
     path = tmp_path / "file"
     path.write_bytes(os.urandom(size))
 
-    def io_counter(name: str) -> int:
-        for line in Path("/proc/thread-self/io").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key == name:
-                return int(value)
-        raise AssertionError(name)
-
     async def drain(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while await reader.read(1 << 16):
@@ -550,10 +543,12 @@ def test_asyncio_sendfile_is_sendfile_on_the_kernel(certs: Certs, run: Any, tmp_
             port = server.sockets[0].getsockname()[1]
             _, writer = await _connect(certs, "kernel", port)
             with path.open("rb") as f:
-                written, reads = io_counter("wchar"), io_counter("syscr")
+                written = io_counter("thread-self", "wchar")
+                reads = io_counter("thread-self", "syscr")
                 assert await kasyncio.sendfile(writer, f) == size
                 # The loop's thread is this one: its counters are the sender's.
-                result = io_counter("wchar") - written, io_counter("syscr") - reads
+                wrote_now = io_counter("thread-self", "wchar") - written
+                result = wrote_now, io_counter("thread-self", "syscr") - reads
             writer.close()
             await writer.wait_closed()
             return result

@@ -22,17 +22,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
-
 from ktls import asyncio as kasyncio
 from ktls.handshaked import codec
 from ktls.handshaked.worker import Worker
 
-from .peers import Certs
+from .peers import Certs, require_root
 
 TIMEOUT = 60
 WORKER = Path(__file__).with_name("handshaked_worker.py")
-ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="workers of another uid need root")
 
 
 @dataclass
@@ -148,8 +145,8 @@ def _ended(tls: ssl.SSLSocket) -> bool:
         return True
 
 
-@ROOT_ONLY
 def test_unprivileged_workers_serve_https_without_the_key(certs: Certs, engine: str) -> None:
+    require_root("workers of another uid")
     with handshaked(certs, "--allow-uid", "nobody") as setup:
         one, two = setup.worker("one", engine), setup.worker("two", engine)
         for worker in (one, two):
@@ -166,8 +163,8 @@ def test_unprivileged_workers_serve_https_without_the_key(certs: Certs, engine: 
     assert {answer.split()[0] for answer in answers} == {"one", "two"}  # spread over both
 
 
-@ROOT_ONLY
 def test_worker_not_on_the_allowed_list_is_refused(certs: Certs) -> None:
+    require_root("workers of another uid")
     with handshaked(certs) as setup:  # only root (and the daemon's user) may
         stranger = setup.worker("stranger", "software", user="nobody")
         stranger.wait_for(r"not registered: .* refused this worker")
@@ -282,8 +279,8 @@ def test_bad_usage(certs: Certs) -> None:
     assert done.stderr.startswith("ktls handshaked: cannot listen on /nonexistent/dir/sock")
 
 
-@ROOT_ONLY
 def test_daemon_drops_privileges_after_reading_the_key(certs: Certs) -> None:
+    require_root("--user")
     with handshaked(certs, "--user", "nobody") as setup:
         status = Path(f"/proc/{setup.daemon.process.pid}/status").read_text()
         nobody = subprocess.run(["id", "-u", "nobody"], capture_output=True, text=True, check=True)

@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from ktls.kernel import read_tls_stat
 
 from .conftest import ENGINES
-from .peers import Certs
+from .peers import Certs, io_counter
 
 TIMEOUT = 60  # seconds any one server or client may take: a bug fails, it does not hang
 BIG = 5 * 1024 * 1024 + 123  # "several MiB", not a multiple of a record
@@ -135,11 +135,7 @@ class Served:
         return count
 
     def io(self, name: str) -> int:
-        for line in Path(f"/proc/{self.process.pid}/io").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key == name:
-                return int(value)
-        raise AssertionError(name)
+        return io_counter(str(self.process.pid), name)
 
     def log_lines(self) -> list[str]:
         return self.access_log.read_text().splitlines()

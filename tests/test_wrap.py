@@ -23,7 +23,6 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -32,7 +31,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 import ktls
 from ktls.kernel import read_tls_stat
 
-from .peers import Certs
+from .peers import Certs, io_counter, require_root
 
 TIMEOUT = 60
 
@@ -55,11 +54,7 @@ class Wrapped:
         return status, "".join(self.lines)
 
     def io(self, name: str) -> int:
-        for line in Path(f"/proc/{self.process.pid}/io").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key == name:
-                return int(value)
-        raise AssertionError(name)
+        return io_counter(str(self.process.pid), name)
 
     def wait_for_line(self, pattern: str) -> re.Match[str]:
         deadline = time.monotonic() + TIMEOUT
@@ -402,8 +397,8 @@ def test_without_ktls_kernel_is_refused_and_auto_relays(certs: Certs) -> None:
         wrapped.wait_for_line(r"tx=software rx=software relay")
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="--user needs root")  # (CI and UML: root)
 def test_program_runs_as_another_user(certs: Certs, engine: str) -> None:
+    require_root("--user")
     script = 'echo "$(id -u) $(id -g) $(id -G)"'
     args = ("--user", "nobody", "--group", "nogroup", "--", "sh", "-c", script)
     with wrapping(certs, engine, *args) as wrapped, ssl_client(certs, wrapped.port) as tls:
